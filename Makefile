@@ -1,0 +1,32 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-fast clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+# The main job on the built-in local cluster: probe -> plan -> train -> status.
+demo: $(STAMP)
+	$(VENV)/bin/dsparse probe
+	$(VENV)/bin/dsparse plan --model mobilenet_v2 --batch-size 32
+	$(VENV)/bin/dsparse train --dataset digits --epochs 1 --max-steps 30
+	$(VENV)/bin/dsparse status
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not e2e" $(PYTEST_ARGS)
+
+clean:
+	rm -rf .dsparse .pytest_cache

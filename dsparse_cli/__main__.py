@@ -1,0 +1,3 @@
+from dsparse_cli.cli import main
+
+main()

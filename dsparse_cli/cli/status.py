@@ -1,0 +1,168 @@
+"""`dsparse status`, `dsparse stop` and `dsparse logs`: work from the job record alone, so they
+work after the launching terminal is gone. None of them imports torch."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dsparse_cli.cli import ClusterOpt, JsonOpt, VerboseOpt, app
+from dsparse_cli.cli.common import inventory, print_json
+from dsparse_cli.console import console, err_console, error, success
+from dsparse_cli.errors import EXIT_BOARD_FAILED, EXIT_OK
+from dsparse_cli.inventory import Inventory
+
+JobOpt = typer.Option(None, "--job", help="Job id (default: the latest job started from here).")
+
+
+def _collect(inv: Inventory, rec, connect_timeout: float, stale_after_s: float) -> dict:
+    from dsparse_cli.jobs.boardio import read_state
+    from dsparse_cli.jobs.status import board_row, job_state
+    from dsparse_cli.remote import connect, fan_out
+
+    by_name = {b.name: b for b in inv.boards}
+
+    def one(target):
+        run = next(r for r in rec.boards if r.name == target.name)
+        transport = connect(target, connect_timeout=connect_timeout)
+        try:
+            return read_state(transport, run)
+        finally:
+            transport.close()
+
+    results = fan_out([by_name[r.name] for r in rec.boards], one)
+    rows = [board_row(run, res.value if res.ok else None, res.error, stale_after_s)
+            for run, res in zip(rec.boards, results)]
+    return {"job": rec.id, "state": job_state(rec, rows), "cluster": rec.cluster,
+            "failed_board": rec.failed_board, "boards": rows}
+
+
+def _summary_line(doc: dict) -> str:
+    counts: dict[str, int] = {}
+    for b in doc["boards"]:
+        counts[b["state"]] = counts.get(b["state"], 0) + 1
+    parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    return f"job {doc['job']}: {doc['state']} ({parts})"
+
+
+@app.command()
+def status(
+    cluster: Optional[Path] = ClusterOpt,
+    job: Optional[str] = JobOpt,
+    watch: bool = typer.Option(False, "--watch", "-w", help="Refresh until the job ends (Ctrl-C to leave)."),
+    interval: float = typer.Option(2.0, "--interval", help="Seconds between refreshes with --watch."),
+    stale_after: float = typer.Option(60.0, "--stale-after", help="Heartbeat age that counts as stale."),
+    connect_timeout: float = typer.Option(10.0, "--connect-timeout"),
+    json_out: bool = JsonOpt,
+    verbose: bool = VerboseOpt,
+) -> int:
+    """Each board's state, progress, memory and traffic. Exit 0 while the job is healthy or finished,
+    1 when a board failed or cannot be reached."""
+    from dsparse_cli.jobs import records
+
+    inv = inventory(cluster, quiet=True)
+    rec = records.load(inv.state_dir, job)
+    doc = _collect(inv, rec, connect_timeout, stale_after)
+    if watch and not json_out:
+        doc = _watch(inv, rec, doc, interval, connect_timeout, stale_after)
+    if json_out:
+        print_json(doc)
+    else:
+        from dsparse_cli.jobs.follow import Follower
+
+        plan = {"devices": [{"name": b.name} for b in rec.boards]}
+        table = Follower(inv, rec, plan, {}, live=False).table(doc["boards"])
+        table.title = _summary_line(doc)
+        console.print(table)
+        for b in doc["boards"]:
+            if b["error"]:
+                err_console.print(f"[red]{b['name']}[/]: {b['error']}", highlight=False)
+    bad = any(b["state"] in ("failed", "unreachable") for b in doc["boards"])
+    return EXIT_BOARD_FAILED if bad else EXIT_OK
+
+
+def _watch(inv, rec, doc, interval, connect_timeout, stale_after) -> dict:
+    from rich.live import Live
+
+    from dsparse_cli.jobs.follow import Follower
+
+    plan = {"devices": [{"name": b.name} for b in rec.boards]}
+    view = Follower(inv, rec, plan, {}, live=False)
+    try:
+        with Live(view.table(doc["boards"]), console=console, refresh_per_second=2) as live:
+            while doc["state"] in ("running", "degraded"):
+                time.sleep(interval)
+                doc = _collect(inv, rec, connect_timeout, stale_after)
+                table = view.table(doc["boards"])
+                table.title = _summary_line(doc)
+                live.update(table)
+    except KeyboardInterrupt:
+        pass
+    return doc
+
+
+@app.command()
+def stop(
+    cluster: Optional[Path] = ClusterOpt,
+    job: Optional[str] = JobOpt,
+    grace: float = typer.Option(10.0, "--grace", help="Seconds between SIGTERM and SIGKILL."),
+    connect_timeout: float = typer.Option(10.0, "--connect-timeout"),
+    verbose: bool = VerboseOpt,
+) -> int:
+    """Stop a job: exactly the process groups it recorded on each board (SIGTERM, then SIGKILL)."""
+    from dsparse_cli.jobs import records
+    from dsparse_cli.jobs.stop import stop_job
+
+    inv = inventory(cluster, quiet=True)
+    rec = records.load(inv.state_dir, job)
+    results = stop_job(inv, rec, grace_s=grace, connect_timeout=connect_timeout)
+    failed = False
+    for r in results:
+        if not r.ok:
+            failed = True
+            error(f"{r.name}: could not stop: {r.error}")
+        elif r.value:
+            failed = True
+            error(f"{r.name}: processes still alive after SIGKILL: {r.value}")
+    if not failed:
+        success(f"job {rec.id} stopped on {len(results)} boards")
+    return EXIT_BOARD_FAILED if failed else EXIT_OK
+
+
+@app.command()
+def logs(
+    board: str = typer.Argument(..., help="Board name."),
+    cluster: Optional[Path] = ClusterOpt,
+    job: Optional[str] = JobOpt,
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
+    lines: int = typer.Option(50, "--lines", "-n", help="Lines to show."),
+    connect_timeout: float = typer.Option(10.0, "--connect-timeout"),
+    verbose: bool = VerboseOpt,
+) -> int:
+    """Print a board's worker log (torchrun and worker output)."""
+    import shlex
+
+    from dsparse_cli.jobs import records
+    from dsparse_cli.remote import connect
+
+    inv = inventory(cluster, quiet=True)
+    rec = records.load(inv.state_dir, job)
+    target = inv.board(board)
+    run = next((r for r in rec.boards if r.name == board), None)
+    if run is None:
+        from dsparse_cli.errors import ConfigError
+
+        raise ConfigError(f"board {board!r} is not part of job {rec.id}")
+    transport = connect(target, connect_timeout=connect_timeout)
+    cmd = f"tail -n {int(lines)} {'-F' if follow else ''} {shlex.quote(run.log_path)}"
+    try:
+        for line in transport.stream(cmd, timeout=None):
+            console.print(line.rstrip("\n"), highlight=False, markup=False)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        transport.close()
+    return EXIT_OK

@@ -1,0 +1,193 @@
+"""`dsparse train`: start torchrun workers on every board under the current plan and follow them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from dsparse_cli.cli import ClusterOpt, JsonOpt, VerboseOpt, app
+from dsparse_cli.cli.common import inventory, print_json
+from dsparse_cli.console import console, error, info, success, warning
+from dsparse_cli.errors import EXIT_BOARD_FAILED, EXIT_INTERRUPTED, EXIT_OK, ConfigError
+from dsparse_cli.inventory import Inventory, format_size
+
+
+@app.command()
+def train(
+    cluster: Optional[Path] = ClusterOpt,
+    dataset: str = typer.Option("digits", help="digits (bundled, no network), cifar10, or synthetic."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Dataset folder (cifar10)."),
+    download: bool = typer.Option(False, "--download", help="Download cifar10 into --data-dir if missing."),
+    epochs: int = typer.Option(1, help="Epochs to train."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps in total."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Per-board batch (default: the plan's)."),
+    lr: float = typer.Option(0.05, help="Learning rate (cosine-decayed over the run)."),
+    optimizer: Optional[str] = typer.Option(None, help="sgd, sgd-momentum or adam (default: the plan's)."),
+    seed: int = typer.Option(0, help="Seed for model init and data order."),
+    sync_every: Optional[int] = typer.Option(None, "--sync-every", help="Broadcast interval (default: the plan's)."),
+    compression: str = typer.Option("none", help="Gradient compression: none, fp16, topk or pbgc."),
+    density: float = typer.Option(0.01, help="topk: fraction of gradient values sent."),
+    key_fraction: float = typer.Option(0.001, "--key-fraction", help="pbgc: fraction sent at full precision."),
+    entropy_bins: int = typer.Option(32, "--entropy-bins", help="pbgc: histogram bins for the entropy threshold."),
+    warmup_steps: int = typer.Option(20, "--warmup-steps", help="topk/pbgc: steps before full compression."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the latest job from its checkpoints."),
+    detach: bool = typer.Option(False, "--detach", help="Start the job and return at once."),
+    master_port: Optional[int] = typer.Option(None, "--master-port", help="Rendezvous port (default: inventory's)."),
+    collective_timeout: float = typer.Option(120.0, "--collective-timeout", help="Seconds before a collective gives up."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Also checkpoint every N steps."),
+    connect_timeout: float = typer.Option(10.0, "--connect-timeout"),
+    accept_new_host_keys: bool = typer.Option(False, "--accept-new-host-keys"),
+    json_out: bool = JsonOpt,
+    verbose: bool = VerboseOpt,
+) -> int:
+    """Train on every board under the plan (made on the fly if there is none). Exit 0 only when every
+    board finished; 1 when a board failed (the others are stopped); 130 on Ctrl-C."""
+    from dsparse_cli.jobs import records
+    from dsparse_cli.jobs.launch import TrainOptions, start_job, plan_hash
+
+    inv = inventory(cluster, quiet=json_out)
+    if master_port:
+        inv.master_port = master_port
+    plan = _current_plan(inv, quiet=json_out)
+    opts = TrainOptions(
+        dataset=dataset, data_dir=data_dir, download=download, epochs=epochs, max_steps=max_steps,
+        batch_size=batch_size or plan["batch_size"], lr=lr, optimizer=optimizer or plan["optimizer"],
+        seed=seed, sync_every=sync_every or plan.get("sync_every", 1),
+        compression=_compression_spec(compression, density, key_fraction, entropy_bins, warmup_steps),
+        collective_timeout_s=collective_timeout, checkpoint_every_steps=checkpoint_every,
+        backend="nccl" if _all_cuda(plan) else "gloo",
+    )
+    if opts.optimizer != plan["optimizer"]:
+        raise ConfigError(f"the plan was made for optimizer {plan['optimizer']}, not {opts.optimizer}",
+                          f"re-run `dsparse plan --optimizer {opts.optimizer}`")
+    previous = None
+    if resume:
+        previous = records.load(inv.state_dir)
+        if previous.plan_hash != plan_hash(plan):
+            raise ConfigError(f"job {previous.id} ran under another plan than the current one",
+                              "resume needs the same plan; start a new job without --resume")
+    rec, transports = start_job(inv, plan, opts, connect_timeout=connect_timeout,
+                                accept_new_host_keys=accept_new_host_keys, resume_of=previous)
+    if detach:
+        if json_out:
+            print_json({"job": rec.id, "state": rec.state, "boards": [b.name for b in rec.boards]})
+        else:
+            success(f"job {rec.id} started on {len(rec.boards)} boards; follow it with `dsparse status --watch`")
+        return EXIT_OK
+    if not json_out:
+        info(f"job {rec.id}: {len(rec.boards)} boards, {opts.dataset}, {opts.epochs} epoch(s); Ctrl-C stops it")
+    return _follow(inv, rec, plan, transports, json_out)
+
+
+def _follow(inv: Inventory, rec, plan: dict, transports, json_out: bool) -> int:
+    from dsparse_cli.jobs import records
+    from dsparse_cli.jobs.follow import Follower
+    from dsparse_cli.jobs.stop import stop_job
+
+    follower = Follower(inv, rec, plan, transports, show_logs=not json_out, live=not json_out)
+    try:
+        outcome = follower.run()
+    except KeyboardInterrupt:
+        warning("interrupted: stopping every board of the job")
+        stop_job(inv, rec, transports=transports, state="stopped")
+        return EXIT_INTERRUPTED
+    if outcome.state == "failed":
+        stop_job(inv, rec, transports=transports, state="failed")
+        rec.state, rec.failed_board, rec.error = "failed", outcome.failed_board, outcome.error
+        records.save(inv.state_dir, rec)
+        if json_out:
+            print_json(_summary_doc(rec, plan, outcome.rows))
+        error(f"board {outcome.failed_board} failed: {outcome.error}; the other boards were stopped "
+              "(resume with `dsparse train --resume`)")
+        for line in outcome.last_lines:
+            console.print(f"  [dim]{outcome.failed_board} |[/] {line}", highlight=False, markup=False)
+        return EXIT_BOARD_FAILED
+    rec.state = "finished"
+    rec.summary = _summary_doc(rec, plan, outcome.rows)
+    records.save(inv.state_dir, rec)
+    if json_out:
+        print_json(rec.summary)
+    else:
+        console.print(_summary_table(rec.summary))
+    return EXIT_OK
+
+
+def _summary_doc(rec, plan: dict, rows: list[dict]) -> dict:
+    devices = {d["name"]: d for d in plan["devices"]}
+    boards = []
+    for r in rows:
+        d = devices[r["name"]]
+        boards.append({
+            **r,
+            "units": d["units"],
+            "budget_bytes": d.get("budget_bytes"),
+            "predicted_training_bytes": d.get("predicted_training_bytes"),
+            "full_update_training_bytes": d.get("full_update_training_bytes"),
+            "predicted_peak_bytes": d.get("predicted_peak_bytes"),
+            "full_update_peak_bytes": d.get("full_update_peak_bytes"),
+        })
+    accuracy = next((b["accuracy"] for b in boards if b["rank"] == 0), None)
+    agg = [b["agg_ms_per_step"] for b in boards if b.get("agg_ms_per_step") is not None]
+    return {"job": rec.id, "state": rec.state if rec.state != "running" else "finished",
+            "failed_board": rec.failed_board, "accuracy": accuracy,
+            "agg_ms_per_step": max(agg) if agg else None, "boards": boards}
+
+
+def _summary_table(summary: dict) -> Table:
+    t = Table(title=f"job {summary['job']}: {summary['state']}, accuracy "
+                    f"{summary['accuracy'] if summary['accuracy'] is not None else '-'}", title_justify="left")
+    for col in ("board", "units", "peak training mem", "predicted", "full update", "saving", "agg ms/step",
+                "bytes/step"):
+        t.add_column(col)
+    for b in summary["boards"]:
+        full, peak = b.get("full_update_training_bytes"), b.get("peak_memory_bytes")
+        saving = f"{100 * (1 - b['predicted_training_bytes'] / full):.0f}%" if full and b.get("predicted_training_bytes") else "-"
+        t.add_row(b["name"], _ranges(b["units"]), format_size(peak), format_size(b.get("predicted_training_bytes")),
+                  format_size(full), saving,
+                  f"{b['agg_ms_per_step']:.1f}" if b.get("agg_ms_per_step") is not None else "-",
+                  format_size(b.get("bytes_per_step")))
+    return t
+
+
+def _ranges(units: list[int]) -> str:
+    """[3,4,5,9] -> '3-5,9'."""
+    out, start = [], None
+    for i, u in enumerate(units):
+        if start is None:
+            start = u
+        if i + 1 == len(units) or units[i + 1] != u + 1:
+            out.append(f"{start}" if start == u else f"{start}-{u}")
+            start = None
+    return ",".join(out) or "none"
+
+
+def _compression_spec(name: str, density: float, key_fraction: float, bins: int, warmup: int) -> dict:
+    if name == "none" or name == "fp16":
+        return {"name": name}
+    if name == "topk":
+        return {"name": name, "density": density, "warmup_steps": warmup}
+    if name == "pbgc":
+        return {"name": name, "key_fraction": key_fraction, "entropy_bins": bins, "warmup_steps": warmup}
+    raise ConfigError(f"unknown compression {name!r}", "choose none, fp16, topk or pbgc")
+
+
+def _all_cuda(plan: dict) -> bool:
+    probe = plan.get("probe") or {}
+    return bool(probe) and all(p.get("cuda") for p in probe.values())
+
+
+def _current_plan(inv: Inventory, *, quiet: bool) -> dict:
+    """The plan in .dsparse/plan.json; made on the fly with default options when there is none."""
+    from dsparse_cli.planning.planfile import load_plan
+
+    path = inv.state_dir / "plan.json"
+    if path.exists():
+        return load_plan(path, [b.name for b in inv.boards])
+    if not quiet:
+        info("no plan yet: planning with default options (run `dsparse plan` to choose them)")
+    from dsparse_cli.cli.plan import make_plan
+
+    return make_plan(inv, quiet=quiet)

@@ -1,0 +1,51 @@
+"""User-facing errors. Each carries the exit code the CLI ends with.
+
+Exit codes (documented in the README):
+  0  success
+  1  the command ran but some board failed (probe, train, status)
+  2  usage or configuration error (bad cluster.yaml, bad option, bad plan, budget too small)
+  3  a remote or runtime failure that stopped the whole command (job failed to start)
+  130 interrupted by Ctrl-C (everything the command started has been stopped)
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_BOARD_FAILED = 1
+EXIT_USAGE = 2
+EXIT_RUNTIME = 3
+EXIT_INTERRUPTED = 130
+
+
+class DsparseError(Exception):
+    """An error the user can act on: one line of what went wrong, and how to fix it."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, message: str, hint: str | None = None, exit_code: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+    def one_line(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class ConfigError(DsparseError):
+    """Bad cluster.yaml, bad option value, bad plan file."""
+
+    exit_code = EXIT_USAGE
+
+
+class RemoteError(DsparseError):
+    """A board could not be reached or refused us (auth, host key, timeout)."""
+
+    exit_code = EXIT_BOARD_FAILED
+
+
+class JobError(DsparseError):
+    """A job could not be started or failed as a whole."""
+
+    exit_code = EXIT_RUNTIME

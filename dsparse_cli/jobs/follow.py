@@ -1,0 +1,151 @@
+"""Follow a running job: live table, log lines prefixed with the board name, fail fast.
+
+The follower polls every board (one round trip each, in parallel). As soon as one board has
+failed — its worker reported an error, its process vanished, or its heartbeat went stale — it
+stops every other board rather than letting them wait out a collective timeout, and names the
+board that failed first with its last log lines.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from rich.live import Live
+from rich.table import Table
+
+from dsparse_cli.console import console, err_console
+from dsparse_cli.inventory import Inventory, format_size
+from dsparse_cli.jobs import records
+from dsparse_cli.jobs.boardio import BoardState, last_log_lines, read_state
+from dsparse_cli.jobs.records import JobRecord
+from dsparse_cli.jobs.status import STALE_AFTER_S, board_row
+from dsparse_cli.remote.base import Transport
+
+# Errors a worker reports when *another* board went away: not the root cause.
+_PEER_ERROR = re.compile(r"peer|connection|broken pipe|timed? ?out|gloo|nccl|DistBackendError|"
+                         r"aborted|store|socket", re.I)
+UNREACHABLE_POLLS = 10
+
+
+@dataclass
+class Outcome:
+    state: str                          # finished | failed | interrupted
+    rows: list[dict]
+    failed_board: str | None = None
+    error: str | None = None
+    last_lines: list[str] = field(default_factory=list)
+
+
+class Follower:
+    def __init__(self, inv: Inventory, rec: JobRecord, plan: dict, transports: dict[str, Transport], *,
+                 show_logs: bool = True, live: bool = True, poll_s: float = 1.0,
+                 stale_after_s: float = STALE_AFTER_S):
+        self.inv, self.rec, self.plan, self.transports = inv, rec, plan, transports
+        self.show_logs, self.live, self.poll_s, self.stale_after_s = show_logs, live, poll_s, stale_after_s
+        self.offsets = {r.name: 0 for r in rec.boards}
+        self.partial = {r.name: "" for r in rec.boards}
+        self.unreachable = {r.name: 0 for r in rec.boards}
+        self.budgets = {d["name"]: d.get("budget_bytes") for d in plan["devices"]}
+        self.pool = ThreadPoolExecutor(max_workers=max(1, len(rec.boards)))
+
+    def _poll_one(self, run) -> tuple[BoardState | None, str | None]:
+        try:
+            return read_state(self.transports[run.name], run, self.offsets[run.name]), None
+        except Exception as exc:  # one board's trouble is that board's row
+            return None, f"{type(exc).__name__}: {exc}"
+
+    def poll(self) -> list[dict]:
+        results = list(self.pool.map(self._poll_one, self.rec.boards))
+        rows, changed = [], False
+        for run, (state, err) in zip(self.rec.boards, results):
+            if state is not None:
+                self.unreachable[run.name] = 0
+                self._emit_log(run.name, state)
+                pid = (state.heartbeat or {}).get("pid")
+                if isinstance(pid, int) and run.worker_pid != pid:
+                    run.worker_pid, changed = pid, True
+            else:
+                self.unreachable[run.name] += 1
+            rows.append(board_row(run, state, err, self.stale_after_s))
+        if changed:
+            records.save(self.inv.state_dir, self.rec)
+        return rows
+
+    def _emit_log(self, name: str, state: BoardState) -> None:
+        self.offsets[name] += len(state.new_log.encode())
+        text = self.partial[name] + state.new_log
+        *lines, self.partial[name] = text.split("\n")
+        if self.show_logs:
+            for line in lines:
+                if line.strip():
+                    err_console.print(f"[cyan]{name}[/] | " + _escape(line), highlight=False)
+
+    def failure(self, rows: list[dict]) -> dict | None:
+        """The board to blame, if any: prefer one whose error is not about a vanished peer."""
+        bad = [r for r in rows if r["state"] in ("failed", "stale")
+               or (r["state"] == "unreachable" and self.unreachable[r["name"]] >= UNREACHABLE_POLLS)]
+        if not bad:
+            return None
+        root = [r for r in bad if not _PEER_ERROR.search(r["error"] or "")]
+        return (root or bad)[0]
+
+    def table(self, rows: list[dict]) -> Table:
+        t = Table(title=f"job {self.rec.id}", title_justify="left")
+        for col in ("board", "state", "epoch", "step", "loss", "acc", "samples/s", "memory / budget",
+                    "agg ms/step", "bytes/step", "hb age"):
+            t.add_column(col)
+        for r in rows:
+            colour = {"finished": "green", "failed": "red", "stale": "yellow", "unreachable": "red"}.get(r["state"], "")
+            t.add_row(r["name"], f"[{colour}]{r['state']}[/]" if colour else r["state"],
+                      _fmt(r.get("epoch")), _fmt(r.get("step")), _fmt(r.get("loss"), ".3f"),
+                      _fmt(r.get("accuracy"), ".3f"), _fmt(r.get("samples_per_s"), ".1f"),
+                      f"{format_size(r.get('peak_memory_bytes'))} / {format_size(self.budgets.get(r['name']))}",
+                      _fmt(r.get("agg_ms_per_step"), ".1f"), format_size(r.get("bytes_per_step")),
+                      _fmt(r.get("heartbeat_age_s"), ".0f"))
+        return t
+
+    def run(self) -> Outcome:
+        try:
+            if self.live:
+                with Live(self.table([]), console=console, refresh_per_second=2, transient=False) as live:
+                    return self._loop(lambda rows: live.update(self.table(rows)))
+            return self._loop(lambda rows: None)
+        finally:
+            self.pool.shutdown(wait=False)
+
+    def _loop(self, show) -> Outcome:
+        while True:
+            rows = self.poll()
+            show(rows)
+            if all(r["state"] == "finished" for r in rows):
+                return Outcome("finished", rows)
+            culprit = self.failure(rows)
+            if culprit:
+                lines = self._last_lines(culprit["name"])
+                return Outcome("failed", rows, culprit["name"], culprit["error"], lines)
+            time.sleep(self.poll_s)
+
+    def _last_lines(self, name: str) -> list[str]:
+        run = next(r for r in self.rec.boards if r.name == name)
+        try:
+            return last_log_lines(self.transports[name], run)
+        except Exception as exc:
+            return [f"(could not read the log: {exc})"]
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _fmt(value, spec: str = "") -> str:
+    if value is None:
+        return "-"
+    try:
+        return format(value, spec)
+    except (TypeError, ValueError):
+        return str(value)

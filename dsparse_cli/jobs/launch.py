@@ -1,0 +1,210 @@
+"""Start a training job: write job and plan files to every board, start one torchrun per board.
+
+Everything that can be checked is checked on every board before anything is started anywhere,
+so a bad board never leaves half a job running. Each torchrun runs in its own session; its
+PID (== PGID) is recorded locally as soon as it exists so `dsparse stop` can always find it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import socket
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import dsparse_cli
+from dsparse_cli.errors import EXIT_BOARD_FAILED, ConfigError, JobError
+from dsparse_cli.inventory import Inventory, Target
+from dsparse_cli.jobs import records
+from dsparse_cli.jobs.records import BoardRun, JobRecord
+from dsparse_cli.remote import connect, fan_out
+from dsparse_cli.remote.base import Transport
+
+DATASETS = ("digits", "cifar10", "synthetic")
+
+
+@dataclass
+class TrainOptions:
+    dataset: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    optimizer: str = "sgd-momentum"
+    seed: int = 0
+    sync_every: int = 1
+    compression: dict = field(default_factory=lambda: {"name": "none"})
+    backend: str = "gloo"
+    collective_timeout_s: float = 120.0
+    heartbeat_s: float = 1.0
+    checkpoint_every_steps: int | None = None
+    eval: bool = True
+
+
+def plan_hash(plan: dict) -> str:
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def job_doc(opts: TrainOptions, job_id: str, run_dir: str, resume: bool) -> dict:
+    doc = asdict(opts)
+    doc.update(id=job_id, workdir=run_dir, resume=resume)
+    return doc
+
+
+def check_options(opts: TrainOptions, plan: dict) -> None:
+    if opts.dataset not in DATASETS:
+        raise ConfigError(f"unknown dataset {opts.dataset!r}", f"choose one of {', '.join(DATASETS)}")
+    if opts.dataset == "cifar10" and not opts.download:
+        if not opts.data_dir or not Path(opts.data_dir).expanduser().is_dir():
+            raise ConfigError(f"cifar10 needs --data-dir with the dataset (got {opts.data_dir!r})",
+                              "point --data-dir at a torchvision CIFAR-10 folder or add --download")
+    if opts.batch_size > plan["batch_size"]:
+        raise ConfigError(
+            f"--batch-size {opts.batch_size} is larger than the plan's {plan['batch_size']}: "
+            "the plan's memory figures would not hold",
+            f"re-run `dsparse plan --batch-size {opts.batch_size}`")
+    if opts.epochs < 1 or (opts.max_steps is not None and opts.max_steps < 1):
+        raise ConfigError("--epochs and --max-steps must be at least 1")
+
+
+def check_port_free(inv: Inventory) -> None:
+    """The rendezvous port on the master must be free, or torchrun fails late and obscurely."""
+    if not all(b.local for b in inv.boards):
+        return  # checked on the rank-0 board by the SSH path
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((inv.master_addr, inv.master_port))
+        except OSError:
+            raise ConfigError(f"port {inv.master_port} on {inv.master_addr} is already in use",
+                              "stop what holds it or pass --master-port") from None
+
+
+def _package_root() -> Path:
+    """The directory holding the `dsparse_cli` package (what PYTHONPATH must point at)."""
+    return Path(dsparse_cli.__file__).resolve().parent.parent
+
+
+def runtime_files() -> list[tuple[Path, str]]:
+    """(local file, path relative to the shipped package root) for the runtime package."""
+    root = _package_root()
+    files = [root / "dsparse_cli" / "__init__.py"]
+    files += sorted((root / "dsparse_cli" / "runtime").rglob("*.py"))
+    return [(f, str(f.relative_to(root))) for f in files]
+
+
+def worker_command(target: Target, rank: int, world: int, inv: Inventory, run_dir: str) -> str:
+    q = shlex.quote
+    return " ".join([
+        q(target.python), "-m", "torch.distributed.run", "--nnodes", str(world), "--node-rank", str(rank),
+        "--nproc-per-node", "1", "--master-addr", q(inv.master_addr), "--master-port", str(inv.master_port),
+        "--max-restarts", "0", "--monitor-interval", "1",
+        "-m", "dsparse_cli.runtime.worker", "--plan", q(f"{run_dir}/plan.json"), "--job", q(f"{run_dir}/job.json"),
+    ])
+
+
+def worker_env(target: Target, inv: Inventory, pkg_dir: str, iface: str | None) -> dict[str, str]:
+    env = {"PYTHONPATH": pkg_dir, "PYTHONUNBUFFERED": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
+    if target.local:
+        # Simulated boards share this machine's cores: one thread each avoids oversubscription.
+        local = sum(1 for b in inv.boards if b.local)
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, local)))
+        iface = iface or "lo"
+    if iface:
+        env["GLOO_SOCKET_IFNAME"] = iface
+        env["NCCL_SOCKET_IFNAME"] = iface
+    return env
+
+
+def run_dir_for(target: Target, job_id: str) -> str:
+    base = target.workdir if target.local else target.workdir.rstrip("/")
+    return f"{base}/runs/{job_id}"
+
+
+def new_record(inv: Inventory, plan: dict, job_id: str) -> JobRecord:
+    by_name = {b.name: b for b in inv.boards}
+    boards = [BoardRun(d["name"], d["rank"], by_name[d["name"]].local, run_dir_for(by_name[d["name"]], job_id))
+              for d in plan["devices"]]
+    return JobRecord(job_id, inv.name, str(inv.path) if inv.path else None, plan_hash(plan),
+                     inv.master_addr, inv.master_port, boards)
+
+
+def _stage_board(transport: Transport, target: Target, run: BoardRun, plan: dict, job: dict,
+                 staging: Path) -> str:
+    """Write plan.json and job.json into the board's run dir; ship the runtime to SSH boards.
+    Returns the PYTHONPATH the worker needs on that board."""
+    local_dir = staging / run.name
+    local_dir.mkdir(parents=True, exist_ok=True)
+    (local_dir / "plan.json").write_text(json.dumps(plan, indent=1, sort_keys=True))
+    (local_dir / "job.json").write_text(json.dumps(job, indent=1, sort_keys=True))
+    transport.put(str(local_dir / "plan.json"), f"{run.run_dir}/plan.json")
+    transport.put(str(local_dir / "job.json"), f"{run.run_dir}/job.json")
+    if target.local:
+        return str(_package_root())
+    pkg = f"{target.workdir.rstrip('/')}/pkg"
+    for local_file, rel in runtime_files():
+        transport.put(str(local_file), f"{pkg}/{rel}")
+    return pkg
+
+
+def start_job(inv: Inventory, plan: dict, opts: TrainOptions, *, connect_timeout: float,
+              accept_new_host_keys: bool = False,
+              resume_of: JobRecord | None = None) -> tuple[JobRecord, dict[str, Transport]]:
+    """Stage every board, then start every board. Raises before starting anything when a board
+    cannot be staged; stops what it started when a later start fails."""
+    check_options(opts, plan)
+    check_port_free(inv)
+    rec = resume_of or new_record(inv, plan, records.new_job_id())
+    if resume_of:
+        rec.attempts += 1
+        rec.state, rec.failed_board, rec.error = "starting", None, None
+    by_name = {b.name: b for b in inv.boards}
+    staging = inv.state_dir / "jobs" / f"{rec.id}.staging"
+    world = len(rec.boards)
+
+    def stage(run: BoardRun):
+        target = by_name[run.name]
+        transport = connect(target, connect_timeout=connect_timeout, accept_new_host_keys=accept_new_host_keys)
+        try:
+            job = job_doc(opts, rec.id, run.run_dir, resume=resume_of is not None)
+            pkg = _stage_board(transport, target, run, plan, job, staging)
+        except BaseException:
+            transport.close()
+            raise
+        return transport, pkg
+
+    staged = fan_out([by_name[r.name] for r in rec.boards],
+                     lambda t: stage(next(r for r in rec.boards if r.name == t.name)))
+    failed = [r for r in staged if not r.ok]
+    if failed:
+        for r in staged:
+            if r.ok:
+                r.value[0].close()
+        raise JobError(f"board {failed[0].name}: {failed[0].error}; nothing was started",
+                       exit_code=EXIT_BOARD_FAILED)
+    transports = {r.name: r.value[0] for r in staged}
+    records.save(inv.state_dir, rec)
+    try:
+        for run, result in zip(rec.boards, staged):
+            target, (transport, pkg) = by_name[run.name], result.value
+            env = worker_env(target, inv, pkg, target.iface)
+            proc = transport.start_detached(worker_command(target, run.rank, world, inv, run.run_dir),
+                                            log_path=run.log_path, env=env, cwd=run.run_dir)
+            run.pid, run.pgid = proc.pid, proc.pgid
+            records.save(inv.state_dir, rec)  # recorded at once: stop must find it even if we die now
+    except BaseException as exc:
+        from dsparse_cli.jobs.stop import stop_job
+
+        stop_job(inv, rec, transports=transports)
+        if isinstance(exc, Exception) and not isinstance(exc, JobError):
+            raise JobError(f"could not start the job: {exc}") from exc
+        raise
+    rec.state = "running"
+    records.save(inv.state_dir, rec)
+    return rec, transports

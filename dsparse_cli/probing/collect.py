@@ -1,0 +1,80 @@
+"""Control side of the probe: run the board script on every board in parallel, keep the cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from dsparse_cli.errors import ConfigError, RemoteError
+from dsparse_cli.inventory import Inventory, Target
+from dsparse_cli.probing import board_script_source
+from dsparse_cli.probing.parse import DeviceInfo, parse_probe_output
+from dsparse_cli.remote import connect, fan_out
+
+PROBE_TIMEOUT_S = 60.0
+CACHE_NAME = "probe.json"
+
+
+def probe_board(target: Target, master: str, *, connect_timeout: float, accept_new_host_keys: bool) -> DeviceInfo:
+    """Run the stdlib probe script with the board's python; one DeviceInfo or a RemoteError."""
+    transport = connect(target, connect_timeout=connect_timeout, accept_new_host_keys=accept_new_host_keys)
+    try:
+        argv = [target.python, "-", "--master", master, "--workdir", target.workdir]
+        if target.memory_limit:
+            argv += ["--memory-limit", str(target.memory_limit)]
+        result = transport.run(_quote(argv), timeout=PROBE_TIMEOUT_S, input=board_script_source().encode())
+    finally:
+        transport.close()
+    if result.rc in (126, 127):
+        raise RemoteError(
+            f"python {target.python!r} not found on board {target.name}",
+            "install python3 there or set `python:` for the board in cluster.yaml",
+        )
+    if result.rc != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        raise RemoteError(f"probe script failed on board {target.name} (exit {result.rc}): {last}")
+    return parse_probe_output(target.name, result.stdout)
+
+
+def _quote(argv: list[str]) -> str:
+    import shlex
+
+    # A leading ~ must stay unquoted so the board's shell expands it.
+    return " ".join(a if a.startswith("~/") and shlex.quote(a[2:]) == a[2:] else shlex.quote(a) for a in argv)
+
+
+def probe_all(inv: Inventory, *, connect_timeout: float, accept_new_host_keys: bool) -> list[DeviceInfo]:
+    results = fan_out(
+        inv.boards,
+        lambda t: probe_board(t, inv.master_addr, connect_timeout=connect_timeout,
+                              accept_new_host_keys=accept_new_host_keys),
+    )
+    return [r.value if r.ok else DeviceInfo.failed(r.name, r.error) for r in results]
+
+
+def write_cache(inv: Inventory, infos: list[DeviceInfo]) -> Path:
+    inv.state_dir.mkdir(parents=True, exist_ok=True)
+    path = inv.state_dir / CACHE_NAME
+    doc = {"cluster": inv.name, "time": time.time(), "boards": [i.model_dump(mode="json") for i in infos]}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+def read_cache(inv: Inventory, *, max_age_s: float | None = None) -> dict | None:
+    """The cached probe, or None when missing, stale or for other boards."""
+    path = inv.state_dir / CACHE_NAME
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"probe cache {path} is unreadable ({exc})", "delete it and run `dsparse probe`") from None
+    if max_age_s is not None and time.time() - doc.get("time", 0) > max_age_s:
+        return None
+    if sorted(b["name"] for b in doc.get("boards", [])) != sorted(b.name for b in inv.boards):
+        return None
+    return doc

@@ -1,0 +1,65 @@
+"""The design's boundaries: what runs on boards imports only what boards have, and the
+commands that must be instant never import torch."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[2] / "dsparse_cli"
+STDLIB = set(sys.stdlib_module_names)
+
+
+def imported_modules(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("path", sorted((PKG / "runtime").rglob("*.py")), ids=lambda p: str(p.relative_to(PKG)))
+def test_runtime_imports_only_torch_torchvision_stdlib(path):
+    for name in imported_modules(path):
+        top = name.split(".")[0]
+        if top == "dsparse_cli":
+            assert name.startswith("dsparse_cli.runtime"), f"{path.name} imports {name} (not shipped to boards)"
+        else:
+            assert top in STDLIB | {"torch", "torchvision", "__future__"}, f"{path.name} imports {name}"
+
+
+def test_board_script_is_stdlib_only():
+    for name in imported_modules(PKG / "probing" / "board_script.py"):
+        assert name.split(".")[0] in STDLIB | {"__future__"}, name
+
+
+def _imports_torch(args: list[str], cwd: Path) -> tuple[bool, subprocess.CompletedProcess]:
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "dsparse_cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+    loaded = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    return any(m == "torch" or m.startswith("torch.") for m in loaded), proc
+
+
+@pytest.mark.parametrize("args", [["--help"], ["probe", "--help"], ["status", "--help"], ["plan", "--help"]])
+def test_help_does_not_import_torch(args, tmp_path):
+    torch_loaded, proc = _imports_torch(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not torch_loaded
+
+
+def test_probe_does_not_import_torch(tmp_path):
+    torch_loaded, proc = _imports_torch(["probe", "--json"], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    assert not torch_loaded
+
+
+def test_status_does_not_import_torch(tmp_path):
+    torch_loaded, proc = _imports_torch(["status", "--json"], tmp_path)
+    assert proc.returncode == 2  # no job here yet: a usage error, but still no torch
+    assert not torch_loaded
