@@ -71,6 +71,7 @@ class Defaults(_Strict):
     identity_file: str | None = None
     python: str | None = None
     workdir: str | None = None
+    known_hosts: str | None = None   # default ~/.ssh/known_hosts
 
 
 class Master(_Strict):
@@ -127,6 +128,7 @@ class Target:
     memory_limit: int | None
     iface: str | None
     kind: str
+    known_hosts: str | None = None
 
 
 @dataclass
@@ -301,14 +303,22 @@ def _resolve(b: BoardSpec, d: Defaults, lookup, path: Path) -> Target:
         raise ConfigError(f"{path}: board {b.name!r} has no host", "add `host:` or `local: true`")
     ssh = lookup(b.host)
     identity = b.identity_file or _first(ssh.get("identityfile")) or d.identity_file
-    if identity and not Path(identity).expanduser().exists():
+    identity = str(_relative_to(path, identity)) if identity else None
+    if identity and not Path(identity).exists():
         raise ConfigError(f"{path}: identity file {identity} for board {b.name!r} does not exist",
                           "fix identity_file or create the key with ssh-keygen")
     port = b.port or _int(ssh.get("port")) or d.port or 22
     user = b.user or ssh.get("user") or d.user
+    known_hosts = str(_relative_to(path, d.known_hosts)) if d.known_hosts else None
     return Target(b.name, ssh.get("hostname", b.host), port, user,
                   [str(Path(identity).expanduser())] if identity else [], ssh.get("proxycommand"),
-                  python, workdir, False, b.memory_limit, b.iface, b.kind)
+                  python, workdir, False, b.memory_limit, b.iface, b.kind, known_hosts)
+
+
+def _relative_to(inventory: Path, value: str) -> Path:
+    """A relative path in cluster.yaml is relative to the file, not to the current directory."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else inventory.resolve().parent / p
 
 
 def _first(value):

@@ -1,35 +1,6 @@
-"""Shared test helpers: run the real `dsparse` entry point in a subprocess."""
+"""Make tests/helpers.py and tests/sshd.py importable from every test directory."""
 
-from __future__ import annotations
-
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def run_cli(*args: str, cwd: Path | str | None = None, timeout: float = 300, env: dict | None = None,
-            input: str | None = None) -> subprocess.CompletedProcess:
-    """`python -m dsparse_cli ARGS` as a user would run it; returns the completed process."""
-    full_env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "dsparse_cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=full_env, input=input)
-
-
-@pytest.fixture
-def cli():
-    return run_cli
-
-
-def one_line_error(proc: subprocess.CompletedProcess) -> str:
-    """The error output must be a single 'error: ...' line with no traceback."""
-    err = proc.stderr.strip()
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one error line, got: {err!r}"
-    assert lines[0].startswith("error:"), lines[0]
-    return lines[0]
+sys.path.insert(0, str(Path(__file__).resolve().parent))

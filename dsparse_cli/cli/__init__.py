@@ -7,13 +7,9 @@ import torch.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-from typing import Optional
-
-import click
 import typer
 
-from dsparse_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, DsparseError
+from dsparse_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, DsparseError
 
 app = typer.Typer(
     name="dsparse",
@@ -35,8 +31,9 @@ VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show tracebacks on err
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON to stdout.")
 
 
-def cluster_path(value: Optional[Path]) -> Optional[Path]:
-    return value
+def done(code: int) -> None:
+    """End a command with an exit code (Typer's standalone mode ignores return values)."""
+    raise typer.Exit(code)
 
 
 def _register() -> None:
@@ -48,22 +45,16 @@ def main() -> None:
     verbose = any(a in ("-v", "--verbose") for a in sys.argv[1:])
     _register()
     try:
-        rc = app(standalone_mode=False)
+        app()  # standalone: usage errors exit 2 with a usage message; typer.Exit carries our codes
     except DsparseError as exc:
         _report(exc.one_line(), verbose)
         sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:  # bad option, missing argument: click prints usage
-        exc.show()
-        sys.exit(EXIT_USAGE)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except KeyboardInterrupt:
         _report("interrupted", False)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as exc:  # a bug: still one line unless -v
         _report(f"internal error: {type(exc).__name__}: {exc} (re-run with -v for the traceback)", verbose)
         sys.exit(EXIT_RUNTIME)
-    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 def _report(message: str, verbose: bool) -> None:

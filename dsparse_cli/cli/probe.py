@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from dsparse_cli.cli import ClusterOpt, JsonOpt, VerboseOpt, app
+from dsparse_cli.cli import ClusterOpt, JsonOpt, VerboseOpt, app, done
 from dsparse_cli.cli.common import inventory, print_json
 from dsparse_cli.console import console, info
 from dsparse_cli.errors import EXIT_BOARD_FAILED, EXIT_OK
@@ -27,7 +27,7 @@ def probe(
     accept_new_host_keys: bool = typer.Option(
         False, "--accept-new-host-keys", help="Record host keys of boards not yet in ~/.ssh/known_hosts."),
     verbose: bool = VerboseOpt,
-) -> int:
+) -> None:
     """Measure every board: memory (incl. cgroup limits), model, CPUs, torch, network.
 
     Exit 0 when every board answered, 1 when any failed. Results are cached in
@@ -43,7 +43,7 @@ def probe(
     else:
         console.print(_table(inv.name, infos))
         info(f"cached in {cache}")
-    return EXIT_OK if all(i.ok for i in infos) else EXIT_BOARD_FAILED
+    done(EXIT_OK if all(i.ok for i in infos) else EXIT_BOARD_FAILED)
 
 
 def _contract(board: dict) -> dict:

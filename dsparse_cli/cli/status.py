@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from dsparse_cli.cli import ClusterOpt, JsonOpt, VerboseOpt, app
+from dsparse_cli.cli import ClusterOpt, JsonOpt, VerboseOpt, app, done
 from dsparse_cli.cli.common import inventory, print_json
 from dsparse_cli.console import console, err_console, error, success
 from dsparse_cli.errors import EXIT_BOARD_FAILED, EXIT_OK
@@ -58,7 +58,7 @@ def status(
     connect_timeout: float = typer.Option(10.0, "--connect-timeout"),
     json_out: bool = JsonOpt,
     verbose: bool = VerboseOpt,
-) -> int:
+) -> None:
     """Each board's state, progress, memory and traffic. Exit 0 while the job is healthy or finished,
     1 when a board failed or cannot be reached."""
     from dsparse_cli.jobs import records
@@ -81,7 +81,7 @@ def status(
             if b["error"]:
                 err_console.print(f"[red]{b['name']}[/]: {b['error']}", highlight=False)
     bad = any(b["state"] in ("failed", "unreachable") for b in doc["boards"])
-    return EXIT_BOARD_FAILED if bad else EXIT_OK
+    done(EXIT_BOARD_FAILED if bad else EXIT_OK)
 
 
 def _watch(inv, rec, doc, interval, connect_timeout, stale_after) -> dict:
@@ -111,7 +111,7 @@ def stop(
     grace: float = typer.Option(10.0, "--grace", help="Seconds between SIGTERM and SIGKILL."),
     connect_timeout: float = typer.Option(10.0, "--connect-timeout"),
     verbose: bool = VerboseOpt,
-) -> int:
+) -> None:
     """Stop a job: exactly the process groups it recorded on each board (SIGTERM, then SIGKILL)."""
     from dsparse_cli.jobs import records
     from dsparse_cli.jobs.stop import stop_job
@@ -129,7 +129,7 @@ def stop(
             error(f"{r.name}: processes still alive after SIGKILL: {r.value}")
     if not failed:
         success(f"job {rec.id} stopped on {len(results)} boards")
-    return EXIT_BOARD_FAILED if failed else EXIT_OK
+    done(EXIT_BOARD_FAILED if failed else EXIT_OK)
 
 
 @app.command()
@@ -141,7 +141,7 @@ def logs(
     lines: int = typer.Option(50, "--lines", "-n", help="Lines to show."),
     connect_timeout: float = typer.Option(10.0, "--connect-timeout"),
     verbose: bool = VerboseOpt,
-) -> int:
+) -> None:
     """Print a board's worker log (torchrun and worker output)."""
     import shlex
 
@@ -165,4 +165,4 @@ def logs(
         pass
     finally:
         transport.close()
-    return EXIT_OK
+    done(EXIT_OK)

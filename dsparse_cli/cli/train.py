@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from dsparse_cli.cli import ClusterOpt, JsonOpt, VerboseOpt, app
+from dsparse_cli.cli import ClusterOpt, JsonOpt, VerboseOpt, app, done
 from dsparse_cli.cli.common import inventory, print_json
 from dsparse_cli.console import console, error, info, success, warning
 from dsparse_cli.errors import EXIT_BOARD_FAILED, EXIT_INTERRUPTED, EXIT_OK, ConfigError
@@ -42,7 +42,7 @@ def train(
     accept_new_host_keys: bool = typer.Option(False, "--accept-new-host-keys"),
     json_out: bool = JsonOpt,
     verbose: bool = VerboseOpt,
-) -> int:
+) -> None:
     """Train on every board under the plan (made on the fly if there is none). Exit 0 only when every
     board finished; 1 when a board failed (the others are stopped); 130 on Ctrl-C."""
     from dsparse_cli.jobs import records
@@ -76,10 +76,10 @@ def train(
             print_json({"job": rec.id, "state": rec.state, "boards": [b.name for b in rec.boards]})
         else:
             success(f"job {rec.id} started on {len(rec.boards)} boards; follow it with `dsparse status --watch`")
-        return EXIT_OK
+        done(EXIT_OK)
     if not json_out:
         info(f"job {rec.id}: {len(rec.boards)} boards, {opts.dataset}, {opts.epochs} epoch(s); Ctrl-C stops it")
-    return _follow(inv, rec, plan, transports, json_out)
+    done(_follow(inv, rec, plan, transports, json_out))
 
 
 def _follow(inv: Inventory, rec, plan: dict, transports, json_out: bool) -> int:

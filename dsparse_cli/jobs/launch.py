@@ -91,6 +91,18 @@ def _package_root() -> Path:
     return Path(dsparse_cli.__file__).resolve().parent.parent
 
 
+def digits_file() -> Path:
+    """scikit-learn's bundled digits data, found without importing sklearn."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec else None
+    if not path or not path.exists():
+        raise ConfigError("scikit-learn's digits data was not found on this machine",
+                          "pip install scikit-learn, or use --dataset synthetic")
+    return path
+
+
 def runtime_files() -> list[tuple[Path, str]]:
     """(local file, path relative to the shipped package root) for the runtime package."""
     root = _package_root()
@@ -135,6 +147,46 @@ def new_record(inv: Inventory, plan: dict, job_id: str) -> JobRecord:
                      inv.master_addr, inv.master_port, boards)
 
 
+_PREFLIGHT = (
+    "import importlib.util as u, os, socket, sys\n"
+    "print('home=' + os.path.expanduser('~'))\n"
+    "missing = [m for m in ('torch', 'torchvision') if u.find_spec(m) is None]\n"
+    "print('missing=' + ','.join(missing))\n"
+    "port = int(sys.argv[1])\n"
+    "if port:\n"
+    "    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    "    try: s.bind(('', port)); print('port=free')\n"
+    "    except OSError: print('port=busy')\n"
+)
+
+
+def preflight(transport: Transport, target: Target, port: int | None) -> str:
+    """On the board, without importing torch (slow on a Pi): torch and torchvision are installed,
+    and, on the rank-0 board, the rendezvous port is free. Returns the board's home directory."""
+    result = transport.run(f"{shlex.quote(target.python)} - {port or 0}", timeout=60, input=_PREFLIGHT.encode())
+    if result.rc in (126, 127):
+        raise ConfigError(f"python {target.python!r} not found on board {target.name}",
+                          "install python3 there or set `python:` for the board in cluster.yaml")
+    out = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+    if result.rc != 0 or "missing" not in out:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ConfigError(f"preflight check failed on board {target.name}: {last}")
+    if out["missing"]:
+        raise ConfigError(f"board {target.name} has no {' and no '.join(out['missing'].split(','))} "
+                          f"for {target.python}", "install torch and torchvision there (see `dsparse probe`)")
+    if out.get("port") == "busy":
+        raise ConfigError(f"port {port} is already in use on board {target.name} (the rendezvous master)",
+                          "stop what holds it or pass --master-port")
+    return out["home"]
+
+
+def absolute_workdir(workdir: str, home: str) -> str:
+    """Paths go into quoted shell commands, where `~` would not expand: resolve it once here."""
+    if workdir == "~" or workdir.startswith("~/"):
+        return home.rstrip("/") + workdir[1:]
+    return workdir
+
+
 def _stage_board(transport: Transport, target: Target, run: BoardRun, plan: dict, job: dict,
                  staging: Path) -> str:
     """Write plan.json and job.json into the board's run dir; ship the runtime to SSH boards.
@@ -147,9 +199,12 @@ def _stage_board(transport: Transport, target: Target, run: BoardRun, plan: dict
     transport.put(str(local_dir / "job.json"), f"{run.run_dir}/job.json")
     if target.local:
         return str(_package_root())
-    pkg = f"{target.workdir.rstrip('/')}/pkg"
+    workdir = run.run_dir.rsplit("/runs/", 1)[0]
+    pkg = f"{workdir}/pkg"
     for local_file, rel in runtime_files():
         transport.put(str(local_file), f"{pkg}/{rel}")
+    if job.get("data_dir") == f"{workdir}/data":
+        transport.put(str(digits_file()), f"{workdir}/data/digits.csv.gz")
     return pkg
 
 
@@ -172,7 +227,13 @@ def start_job(inv: Inventory, plan: dict, opts: TrainOptions, *, connect_timeout
         target = by_name[run.name]
         transport = connect(target, connect_timeout=connect_timeout, accept_new_host_keys=accept_new_host_keys)
         try:
+            if not target.local:
+                home = preflight(transport, target, inv.master_port if run.rank == 0 else None)
+                run.run_dir = absolute_workdir(run.run_dir, home)
             job = job_doc(opts, rec.id, run.run_dir, resume=resume_of is not None)
+            if not target.local and opts.dataset == "digits" and not opts.data_dir:
+                # shipped with the runtime, so boards need no scikit-learn
+                job["data_dir"] = run.run_dir.rsplit("/runs/", 1)[0] + "/data"
             pkg = _stage_board(transport, target, run, plan, job, staging)
         except BaseException:
             transport.close()

@@ -1,0 +1,25 @@
+"""Board probe: `board_script.py` runs on the board (stdlib only), `parse.py` reads its JSON."""
+
+from __future__ import annotations
+
+import os
+
+BOARD_SCRIPT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "board_script.py")
+
+
+def board_script_source() -> str:
+    """The script's text, to pipe into `python3 - [args]` on a board."""
+    with open(BOARD_SCRIPT_PATH, encoding="utf-8") as f:
+        return f.read()
+
+
+def __getattr__(name: str):
+    # DeviceInfo pulls in pydantic; load it only when asked for
+    if name in ("DeviceInfo", "parse_probe_output"):
+        from dsparse_cli.probing import parse
+
+        return getattr(parse, name)
+    raise AttributeError(name)
+
+
+__all__ = ["BOARD_SCRIPT_PATH", "board_script_source", "DeviceInfo", "parse_probe_output"]

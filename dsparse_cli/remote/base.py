@@ -1,0 +1,115 @@
+"""The transport interface every board is reached through (SSH or local subprocess).
+
+Conventions shared by both implementations:
+
+* ``cmd`` strings run under ``/bin/sh -c`` on the board.
+* ``run`` never raises for a slow command: on timeout it kills what it started and returns
+  ``rc == TIMEOUT_RC`` (124, like coreutils ``timeout``) with a note appended to stderr.
+  It raises ``RemoteError`` only when the board itself cannot be talked to.
+* ``stream`` yields output lines (stdout and stderr merged); on timeout it kills the command
+  and raises ``RemoteError`` (a generator has no result object to carry an rc).
+* ``start_detached`` puts the command in its own session, so ``pid == pgid`` and
+  ``signal(pgid, ...)`` reaches every process it spawned (torchrun and its workers).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    from dsparse_cli.inventory import Target
+
+TIMEOUT_RC = 124
+
+
+def timeout_note(timeout: float) -> str:
+    return f"\n[dsparse] command timed out after {timeout:g}s and was killed\n"
+
+
+class LineSplitter:
+    """Turns a byte stream that arrives in arbitrary chunks into decoded lines."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, chunk: bytes) -> list[str]:
+        *lines, self._buf = (self._buf + chunk).split(b"\n")
+        return [_decode_line(line) for line in lines]
+
+    def flush(self) -> list[str]:
+        rest, self._buf = self._buf, b""
+        return [_decode_line(rest)] if rest else []
+
+
+def _decode_line(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace").rstrip("\r")
+
+
+@dataclass
+class RunResult:
+    rc: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0
+
+    @property
+    def timed_out(self) -> bool:
+        return self.rc == TIMEOUT_RC
+
+
+@dataclass
+class Detached:
+    pid: int
+    pgid: int
+
+
+class Transport(ABC):
+    target: "Target"
+
+    @abstractmethod
+    def run(self, argv_or_cmd: str, *, timeout: float, input: bytes | None = None) -> RunResult:
+        """Run a shell command to completion; capture stdout/stderr and the exit status."""
+
+    @abstractmethod
+    def stream(self, cmd: str, *, timeout: float | None) -> Iterator[str]:
+        """Yield output lines (without the newline) as the command prints them."""
+
+    @abstractmethod
+    def put(self, local_path: str, remote_path: str) -> None:
+        """Copy a local file to the board, creating parent directories."""
+
+    @abstractmethod
+    def get(self, remote_path: str, local_path: str) -> None:
+        """Copy a file from the board, creating local parent directories."""
+
+    @abstractmethod
+    def read_text(self, remote_path: str) -> str | None:
+        """The file's text, or None when it does not exist."""
+
+    @abstractmethod
+    def start_detached(self, cmd: str, *, log_path: str, env: dict[str, str] | None = None,
+                       cwd: str | None = None) -> Detached:
+        """Start ``cmd`` in its own session, output appended to ``log_path``; don't wait."""
+
+    @abstractmethod
+    def signal(self, pgid: int, sig: int) -> None:
+        """Send ``sig`` to the whole process group; a group that is gone is not an error."""
+
+    @abstractmethod
+    def alive(self, pid: int) -> bool:
+        """True while the process exists and is not a zombie."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the connection. Detached processes keep running."""
+
+    def __enter__(self) -> "Transport":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,28 @@
+"""Shared test helpers: run the real `dsparse` entry point in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, cwd: Path | str | None = None, timeout: float = 300, env: dict | None = None,
+            input: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m dsparse_cli ARGS` as a user would run it; returns the completed process."""
+    full_env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "dsparse_cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=full_env, input=input)
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """The error output must be a single 'error: ...' line with no traceback."""
+    err = proc.stderr.strip()
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("no cluster.yaml here")]
+    assert len(lines) == 1, f"expected one error line, got: {err!r}"
+    assert lines[0].startswith("error:"), lines[0]
+    return lines[0]
