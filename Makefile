@@ -18,8 +18,8 @@ venv: $(STAMP)
 # The main job on the built-in local cluster: probe -> plan -> train -> status.
 demo: $(STAMP)
 	$(VENV)/bin/dsparse probe
-	$(VENV)/bin/dsparse plan --model mobilenet_v2 --batch-size 32
-	$(VENV)/bin/dsparse train --dataset digits --epochs 1 --max-steps 30
+	$(VENV)/bin/dsparse plan --model mobilenet_v2 --batch-size 32 --image-size 64 --exclude-small
+	$(VENV)/bin/dsparse train --dataset digits --epochs 2
 	$(VENV)/bin/dsparse status
 
 test: $(STAMP)

@@ -63,8 +63,25 @@ def make_plan(inv: Inventory, *, model: str = "mobilenet_v2", batch_size: int = 
               num_classes: int = 10, optimizer: str = "sgd-momentum", headroom: float = 0.15,
               sync_every: int = 1, importance: str = "depth", allow_frozen: bool = False,
               exclude_small: bool = False, quiet: bool = False) -> dict:
-    """Profile, plan, write .dsparse/plan.json; return the plan document."""
-    raise NotImplementedError("wired to planning/ when it lands")
+    """Profile (cached), plan, write .dsparse/plan.json; return the plan document."""
+    from dsparse_cli.planning import plan_cluster, write_plan
+
+    facts = _budget_sources(inv)
+    with _progress(f"measuring {model} (batch {batch_size}, {image_size}x{image_size}, {optimizer})", quiet):
+        doc = plan_cluster(cluster=inv.name, boards=[(b.name, facts[b.name]) for b in inv.boards],
+                           state_dir=inv.state_dir, model=model, num_classes=num_classes, image_size=image_size,
+                           batch_size=batch_size, optimizer=optimizer, headroom=headroom, sync_every=sync_every,
+                           importance=importance, allow_frozen=allow_frozen, exclude_small=exclude_small)
+    write_plan(inv.state_dir / "plan.json", doc)
+    for e in doc.get("excluded", []):
+        warning(f"board {e['name']} is left out of the plan: {e['reason']}")
+    return doc
+
+
+def _progress(message: str, quiet: bool):
+    import contextlib
+
+    return contextlib.nullcontext() if quiet else console.status(message, spinner="dots")
 
 
 def _budget_sources(inv: Inventory) -> dict[str, dict]:
@@ -106,7 +123,20 @@ def _probe_if_needed(inv: Inventory, connect_timeout: float, accept_new: bool, q
 
 
 def _verify(doc: dict, quiet: bool) -> None:
-    raise NotImplementedError
+    """One real training step per device, in a fresh process each; measured vs predicted."""
+    from dsparse_cli.planning.verify import merge_verify, verify_plan
+
+    def progress(row: dict) -> None:
+        if not quiet:
+            info(f"verified rank {row['rank']}: measured training {format_size(row['measured_training_bytes'])}"
+                 f" vs predicted {format_size(row['predicted_training_bytes'])} ({row['error_pct']:+.1f}%)")
+
+    rows = verify_plan(doc, progress=progress)
+    merge_verify(doc, rows)
+    off = [r for r in rows if not r["within_tolerance"]]
+    if off and not quiet:
+        warning(f"{len(off)} device(s) measured more than 10% off the prediction: "
+                + ", ".join(f"rank {r['rank']} {r['error_pct']:+.1f}%" for r in off))
 
 
 def _push(inv: Inventory, doc: dict, connect_timeout: float, accept_new: bool, quiet: bool) -> None:
@@ -172,5 +202,3 @@ def _show(doc: dict) -> None:
         g.add_row(str(grp.get("id", "")), grp["op"], ",".join(map(str, grp["ranks"])), str(grp.get("root", "")),
                   units_ranges(grp["units"]), format_size(grp["bytes_per_step"]))
     console.print(g)
-    for d in doc.get("excluded", []):
-        warning(f"board {d['name']} is left out: {d.get('reason', 'too small')}")

@@ -94,7 +94,7 @@ class Follower:
 
     def table(self, rows: list[dict]) -> Table:
         t = Table(title=f"job {self.rec.id}", title_justify="left")
-        for col in ("board", "state", "epoch", "step", "loss", "acc", "samples/s", "memory / budget",
+        for col in ("board", "state", "epoch", "step", "loss", "acc", "samples/s", "process peak / budget",
                     "agg ms/step", "bytes/step", "hb age"):
             t.add_column(col)
         for r in rows:
@@ -102,7 +102,7 @@ class Follower:
             t.add_row(r["name"], f"[{colour}]{r['state']}[/]" if colour else r["state"],
                       _fmt(r.get("epoch")), _fmt(r.get("step")), _fmt(r.get("loss"), ".3f"),
                       _fmt(r.get("accuracy"), ".3f"), _fmt(r.get("samples_per_s"), ".1f"),
-                      f"{format_size(r.get('peak_memory_bytes'))} / {format_size(self.budgets.get(r['name']))}",
+                      f"{format_size(r.get('peak_process_bytes'))} / {format_size(self.budgets.get(r['name']))}",
                       _fmt(r.get("agg_ms_per_step"), ".1f"), format_size(r.get("bytes_per_step")),
                       _fmt(r.get("heartbeat_age_s"), ".0f"))
         return t

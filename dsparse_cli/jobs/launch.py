@@ -122,7 +122,11 @@ def worker_command(target: Target, rank: int, world: int, inv: Inventory, run_di
 
 
 def worker_env(target: Target, inv: Inventory, pkg_dir: str, iface: str | None) -> dict[str, str]:
-    env = {"PYTHONPATH": pkg_dir, "PYTHONUNBUFFERED": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
+    from dsparse_cli.planning.profile import MALLOC_ENV
+
+    # The plan's memory figures were measured with glibc returning freed memory at once; the
+    # worker runs the same way so its footprint is the one planned (it costs some speed).
+    env = {"PYTHONPATH": pkg_dir, "PYTHONUNBUFFERED": "1", "TORCH_CPP_LOG_LEVEL": "ERROR", **MALLOC_ENV}
     if target.local:
         # Simulated boards share this machine's cores: one thread each avoids oversubscription.
         local = sum(1 for b in inv.boards if b.local)

@@ -39,8 +39,9 @@ def board_row(run: BoardRun, state: BoardState | None, error: str | None,
     row.update({k: hb.get(k) for k in BOARD_KEYS})
     row["heartbeat_age_s"] = round(state.heartbeat_age_s, 1) if state and state.heartbeat_age_s is not None else None
     row["error"] = err
-    for extra in ("epochs", "steps_per_epoch", "bytes_sent_per_step", "bytes_recv_per_step",
-                  "compression_ratio", "base_memory_bytes", "updated_units", "pid"):
+    for extra in ("epochs", "steps_per_epoch", "global_step", "total_steps", "bytes_sent_per_step",
+                  "bytes_recv_per_step", "dense_bytes_per_step", "compression_ratio", "compress_ms_per_step",
+                  "base_memory_bytes", "peak_process_bytes", "updated_units", "pid"):
         if extra in hb:
             row[extra] = hb[extra]
     return row

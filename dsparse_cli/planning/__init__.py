@@ -1,0 +1,45 @@
+"""Planning: measured profile -> per-device sparse-update plan -> aggregation groups -> plan file.
+
+`plan_cluster` is the whole of `dsparse plan` minus the CLI. Nothing here imports torch at
+module level (profiling runs in a subprocess; `importance=grad` imports torch when used).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from dsparse_cli.planning.planfile import DEFAULT_HEADROOM, budget_bytes, build_plan, load_plan, write_plan
+from dsparse_cli.planning.planner import CostTable, Device, PlanResult, depth_order, plan_devices
+from dsparse_cli.planning.profile import Profile, get_profile, peak_bytes, training_bytes
+from dsparse_cli.planning.schedule import build_groups
+
+__all__ = ["CostTable", "Device", "PlanResult", "Profile", "budget_bytes", "build_groups", "build_plan",
+           "depth_order", "get_profile", "load_plan", "peak_bytes", "plan_cluster", "plan_devices",
+           "training_bytes", "write_plan"]
+
+
+def plan_cluster(*, cluster: str, boards: Sequence[tuple[str, Mapping]], state_dir: str | Path,
+                 model: str = "mobilenet_v2", num_classes: int = 10, image_size: int = 32, batch_size: int = 64,
+                 optimizer: str = "sgd-momentum", dtype: str = "float32", headroom: float = DEFAULT_HEADROOM,
+                 sync_every: int = 1, importance: str = "depth", allow_frozen: bool = False,
+                 exclude_small: bool = False, refresh_profile: bool = False) -> dict:
+    """Profile (cached), rank units, plan every board, and return the plan document (not written;
+    call `write_plan(state_dir / "plan.json", doc)`).
+
+    `boards`: (name, facts) in inventory order; facts must hold `usable_memory_bytes` and are
+    recorded in the plan's `probe` section as given (torch, cuda, source, ...)."""
+    from dsparse_cli.errors import ConfigError
+    from dsparse_cli.planning.importance import importance_order
+
+    if sync_every < 1:
+        raise ConfigError(f"--sync-every {sync_every} must be at least 1")
+    prof = get_profile(state_dir, model, num_classes=num_classes, image_size=image_size,
+                       batch_size=batch_size, dtype=dtype, optimizer=optimizer, refresh=refresh_profile)
+    order = importance_order(importance, prof.num_units, model=model, num_classes=num_classes,
+                             image_size=image_size, batch_size=batch_size)
+    devices = [Device(name, budget_bytes(int(facts["usable_memory_bytes"]), headroom)) for name, facts in boards]
+    result = plan_devices(devices, prof, order, allow_frozen=allow_frozen, exclude_small=exclude_small)
+    return build_plan(cluster=cluster, profile=prof, result=result, sync_every=sync_every,
+                      probe={name: facts for name, facts in boards}, importance=importance,
+                      headroom=headroom, allow_frozen=allow_frozen)

@@ -1,0 +1,107 @@
+"""The plan file (`.dsparse/plan.json`): build, write (atomic, deterministic), load (checked).
+
+The format is pinned in docs/internals.md ("Plan file"). Budgets and peaks are whole-process
+bytes (`"memory_meaning": "process"`): the measured process base plus training bytes. Same inputs
+give a byte-identical file: no timestamps, sorted keys, fixed separators.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from dsparse_cli.errors import ConfigError
+from dsparse_cli.planning.planner import PlanResult
+from dsparse_cli.planning.profile import Profile, breakdown
+from dsparse_cli.planning.schedule import build_groups
+
+PLAN_VERSION = 1
+DEFAULT_HEADROOM = 0.15
+RERUN = "re-run dsparse plan"
+REQUIRED_KEYS = ("model", "num_classes", "image_size", "batch_size", "optimizer", "units", "devices", "groups")
+
+
+def budget_bytes(usable_memory_bytes: int, headroom: float = DEFAULT_HEADROOM) -> int:
+    """Whole-process budget: usable memory minus the headroom fraction."""
+    if not 0 <= headroom < 1:
+        raise ConfigError(f"headroom {headroom} is out of range", "use a fraction in [0, 1), e.g. 0.15")
+    return int(usable_memory_bytes * (1 - headroom))
+
+
+def build_plan(*, cluster: str, profile: Profile, result: PlanResult, sync_every: int = 1,
+               probe: Mapping[str, Mapping] | None = None, importance: str = "depth",
+               headroom: float = DEFAULT_HEADROOM, allow_frozen: bool = False) -> dict:
+    """The plan document (see docs/internals.md) from a profile and the planner's result."""
+    units = [{"index": u.index, "name": u.name, "modules": list(u.modules), "param_bytes": u.param_bytes,
+              "buffer_bytes": u.buffer_bytes, "grad_bytes": u.grad_bytes, "optimizer_bytes": u.optimizer_bytes}
+             for u in profile.units]
+    devices = [{"name": d.name, "rank": d.rank, "budget_bytes": d.budget_bytes,
+                "predicted_peak_bytes": d.predicted_peak_bytes,
+                "predicted_training_bytes": d.predicted_training_bytes,
+                "predicted_breakdown": breakdown(profile, d.units),
+                "full_update_peak_bytes": result.full_update_peak_bytes,
+                "full_update_training_bytes": result.full_update_training_bytes,
+                "units": list(d.units)} for d in result.devices]
+    groups = build_groups([d.units for d in result.devices], [u.param_bytes for u in profile.units],
+                          [u.buffer_bytes for u in profile.units], sync_every)
+    return {
+        "version": PLAN_VERSION, "cluster": cluster, "model": profile.model, "num_classes": profile.num_classes,
+        "image_size": profile.image_size, "batch_size": profile.batch_size, "optimizer": profile.optimizer,
+        "dtype": profile.dtype, "sync_every": sync_every, "memory_meaning": "process",
+        "base_bytes": profile.base_bytes, "headroom": headroom, "importance": importance,
+        "importance_order": list(result.order), "allow_frozen": allow_frozen,
+        "frozen_units": list(result.frozen_units), "min_peak_bytes": result.min_peak_bytes,
+        "units": units, "devices": devices, "groups": groups,
+        "excluded": [{"name": e.name, "budget_bytes": e.budget_bytes, "needed_bytes": e.needed_bytes,
+                      "reason": e.reason} for e in result.excluded],
+        "probe": {name: dict(facts) for name, facts in (probe or {}).items()},
+        "profile_key": profile.key, "torch": profile.torch,
+    }
+
+
+def plan_json(doc: dict) -> str:
+    return json.dumps(doc, indent=1, sort_keys=True, separators=(",", ": ")) + "\n"
+
+
+def write_plan(path: str | Path, doc: dict) -> Path:
+    """Write atomically (temp file in the same directory, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(plan_json(doc))
+    os.replace(tmp, path)
+    return path
+
+
+def plan_boards(doc: dict) -> list[str]:
+    """Every board the plan was made for, included or excluded."""
+    return [d["name"] for d in doc.get("devices", [])] + [e["name"] for e in doc.get("excluded", [])]
+
+
+def load_plan(path: str | Path, inventory_board_names: Iterable[str] | None = None) -> dict:
+    """Read and check a plan; ConfigError (one line) when missing, unreadable, of another version,
+    or made for other boards than `inventory_board_names`."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"no plan at {path}", "run `dsparse plan`")
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"plan {path} is not valid JSON ({str(exc).splitlines()[0]})", RERUN) from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"plan {path} is not a JSON object", RERUN)
+    version = doc.get("version")
+    if version != PLAN_VERSION:
+        raise ConfigError(f"plan version {version} is not supported (expected {PLAN_VERSION})", RERUN)
+    missing = [k for k in REQUIRED_KEYS if k not in doc]
+    if missing:
+        raise ConfigError(f"plan {path} is missing {', '.join(missing)}", RERUN)
+    if inventory_board_names is not None:
+        have = list(inventory_board_names)
+        made_for = plan_boards(doc)
+        if sorted(made_for) != sorted(have):
+            raise ConfigError(f"plan was made for boards [{', '.join(made_for)}] but cluster has "
+                              f"[{', '.join(have)}]", RERUN)
+    return doc

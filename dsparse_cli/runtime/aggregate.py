@@ -1,0 +1,252 @@
+"""Grouped aggregation (DSparse, our reading): AllReduce inside each updating set, Broadcast out.
+
+For every group of the plan, in plan order:
+
+* `allreduce` (the ranks that update exactly these units): after backward, the units' gradients
+  are flattened into one bucket, averaged over the group (optionally through a compressor) and
+  copied back, so the members' optimizers take the same step and stay identical.
+  Before each forward the units' buffers (BatchNorm statistics) are broadcast from the group's
+  root, as `DistributedDataParallel(broadcast_buffers=True)` does from rank 0: with every rank
+  updating everything this is exactly DDP.
+* `broadcast`: every `sync_every` optimizer steps the root sends the units' parameters and
+  buffers to the ranks that only run them forward.
+
+Process groups are created once, in plan order, on every rank (torch requires every rank to
+call `new_group`, members or not); a group spanning the whole world reuses the default group.
+Every rank walks the groups in the same order, so the collectives form one global order and
+cannot deadlock.
+
+Bytes are accounted with a simple, documented model (what this rank puts on / takes off its link):
+* all_reduce of B bytes over n ranks (ring): sent = received = 2(n-1)/n * B;
+* compressed all_gather of a P-byte padded payload: sent = received = (n-1) * P;
+* broadcast of B bytes: the root sends B per receiver, each receiver receives B (logical
+  one-to-all; a tree spreads the sending over receivers but moves the same total).
+`dense` bytes are what uncompressed float32 all_reduces would have sent under the same model.
+Per-step figures are totals over the steps so far, so they include the full syncs made before
+each evaluation; the worker's 4-byte stop-agreement all_reduce is control traffic, not counted.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from dsparse_cli.runtime.models import UnitSpec, unit_buffers, unit_params
+
+
+@dataclass
+class Counters:
+    ms: float = 0.0
+    sent: float = 0.0
+    recv: float = 0.0
+    dense: float = 0.0
+    ops: int = 0
+
+
+@dataclass
+class Group:
+    id: int
+    op: str
+    ranks: list[int]
+    root: int
+    receivers: list[int]
+    units: list[int]
+    pg: object = None           # None = the default (world) group
+    member: bool = False
+    params: list[nn.Parameter] = field(default_factory=list)
+    buffers: list[Tensor] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+
+def _by_dtype(tensors: list[Tensor]) -> list[list[Tensor]]:
+    """Flattening needs one dtype and device per bucket (BatchNorm has int64 counters)."""
+    out: dict[tuple, list[Tensor]] = {}
+    for t in tensors:
+        out.setdefault((t.dtype, t.device), []).append(t)
+    return list(out.values())
+
+
+def _sync(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def broadcast_module(model: nn.Module, src: int = 0) -> None:
+    """Make every rank start from `src`'s parameters and buffers (world group)."""
+    tensors = [p.data for p in model.parameters()] + list(model.buffers())
+    for bucket in _by_dtype(tensors):
+        flat = _flatten_dense_tensors(bucket)
+        dist.broadcast(flat, src=src)
+        for t, v in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            t.copy_(v)
+
+
+def dense_average(bucket: Tensor, group, world: int, key: str) -> Tensor:
+    """The uncompressed path: scale by 1/n then sum, exactly as DDP does."""
+    out = bucket.detach().reshape(-1).float().mul(1.0 / world)
+    dist.all_reduce(out, group=group)
+    return out
+
+
+class GroupedAggregator:
+    def __init__(self, plan: dict, rank: int, model: nn.Module, units: list[UnitSpec], compressor=None,
+                 sync_every: int | None = None, device: torch.device | None = None):
+        self.rank, self.world = rank, dist.get_world_size()
+        self.compressor = compressor
+        self.sync_every = int(sync_every or plan.get("sync_every") or 1)
+        if self.sync_every < 1:
+            raise ValueError(f"sync_every must be at least 1, got {self.sync_every}")
+        self.device = device
+        self.groups = self._make_groups(plan, model, {u.index: u for u in units})
+        self.totals = Counters()
+        self.steps = 0
+
+    # --- set-up ----------------------------------------------------------------------------
+    def _make_groups(self, plan: dict, model: nn.Module, units: dict[int, UnitSpec]) -> list[Group]:
+        groups = []
+        for g in plan["groups"]:
+            ranks = sorted(int(r) for r in g["ranks"])
+            grp = Group(int(g["id"]), g["op"], ranks, int(g["root"]), [int(r) for r in g.get("receivers", [])],
+                        [int(u) for u in g["units"]])
+            if grp.op not in ("allreduce", "broadcast"):
+                raise ValueError(f"plan group {grp.id}: unknown op {grp.op!r}")
+            if len(ranks) > 1 and ranks != list(range(self.world)):
+                grp.pg = dist.new_group(ranks=ranks)  # every rank, in plan order
+            grp.member = self.rank in ranks
+            if grp.member and len(ranks) > 1:
+                mods = [units[u] for u in grp.units]
+                grp.params = [p for u in mods for p in unit_params(model, u)]
+                grp.buffers = [b for u in mods for b in unit_buffers(model, u)]
+            groups.append(grp)
+        return groups
+
+    def my_groups(self, op: str) -> list[Group]:
+        return [g for g in self.groups if g.op == op and g.member and g.size > 1]
+
+    # --- the three points in a step --------------------------------------------------------
+    def before_forward(self) -> None:
+        """Buffers of jointly updated units from their group root (DDP broadcast_buffers)."""
+        for g in self.my_groups("allreduce"):
+            if g.buffers:
+                self._broadcast(g, g.buffers)
+
+    def reduce_gradients(self) -> None:
+        """Average the gradients of each allreduce group this rank is in."""
+        self.steps += 1
+        for g in self.my_groups("allreduce"):
+            self._reduce(g)
+
+    def after_step(self, step: int) -> bool:
+        """After optimizer step number `step` (0-based, global): broadcast every `sync_every`.
+        -> whether a sync happened."""
+        if (step + 1) % self.sync_every:
+            return False
+        self.sync_weights()
+        return True
+
+    def sync_weights(self) -> None:
+        for g in self.my_groups("broadcast"):
+            self._broadcast(g, [p.data for p in g.params] + g.buffers)
+
+    def sync_all(self) -> None:
+        """Every rank ends with the same full model (before eval, at the end)."""
+        self.sync_weights()
+        self.before_forward()
+
+    # --- ops -------------------------------------------------------------------------------
+    def _reduce(self, g: Group) -> None:
+        for p in g.params:
+            if p.grad is None:  # unused in this forward: contributes zero, like DDP
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in g.params]
+        for i, bucket_grads in enumerate(_by_dtype(grads)):
+            key = f"g{g.id}" if i == 0 else f"g{g.id}.{i}"
+            _sync(self.device)
+            t0 = time.perf_counter()
+            flat = _flatten_dense_tensors(bucket_grads)
+            before = self._comp_snapshot()
+            reduce = self.compressor.reduce if self.compressor is not None else dense_average
+            avg = reduce(flat, g.pg, g.size, key).to(flat.dtype)
+            for t, v in zip(bucket_grads, _unflatten_dense_tensors(avg, bucket_grads)):
+                t.copy_(v)
+            _sync(self.device)
+            self._count_reduce(flat, g.size, before, 1000 * (time.perf_counter() - t0))
+
+    def _broadcast(self, g: Group, tensors: list[Tensor]) -> None:
+        for bucket in _by_dtype(tensors):
+            _sync(self.device)
+            t0 = time.perf_counter()
+            flat = _flatten_dense_tensors(bucket)
+            dist.broadcast(flat, src=g.root, group=g.pg)
+            if self.rank != g.root:
+                for t, v in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                    t.copy_(v)
+            _sync(self.device)
+            nbytes = flat.numel() * flat.element_size()
+            receivers = g.size - 1
+            sent = nbytes * receivers if self.rank == g.root else 0
+            recv = 0 if self.rank == g.root else nbytes
+            self._count(1000 * (time.perf_counter() - t0), sent, recv, sent)
+
+    # --- accounting ------------------------------------------------------------------------
+    def _comp_snapshot(self):
+        return self.compressor.stats.snapshot() if self.compressor is not None else None
+
+    def _count_reduce(self, flat: Tensor, n: int, before, ms: float) -> None:
+        ring = 2 * (n - 1) / n
+        dense = ring * flat.numel() * 4
+        if self.compressor is None:
+            moved = ring * flat.numel() * flat.element_size()
+        else:
+            delta = self.compressor.stats.snapshot().since(before)
+            moved = ring * delta.sent_bytes if self.compressor.dense else (n - 1) * delta.wire_bytes
+        self._count(ms, moved, moved, dense)
+
+    def _count(self, ms: float, sent: float, recv: float, dense: float) -> None:
+        t = self.totals
+        t.ms += ms
+        t.sent += sent
+        t.recv += recv
+        t.dense += dense
+        t.ops += 1
+
+    def report(self) -> dict:
+        """Per-step averages over the steps so far (status.json / summary.json keys)."""
+        n = max(self.steps, 1)
+        t = self.totals
+        out = {"agg_ms_per_step": t.ms / n, "bytes_sent_per_step": t.sent / n, "bytes_recv_per_step": t.recv / n,
+               "bytes_per_step": t.sent / n, "dense_bytes_per_step": t.dense / n,
+               "compression_ratio": 1.0, "compress_ms_per_step": 0.0}
+        if self.compressor is not None:
+            snap = self.compressor.stats.snapshot()
+            out["compression_ratio"] = snap.ratio
+            out["compress_ms_per_step"] = snap.compress_ms / n
+        return out
+
+    # --- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Compression residuals (error feedback must survive a resume)."""
+        c = self.compressor
+        if c is None:
+            return {}
+        if hasattr(c, "state_dict"):
+            return {"compressor": c.state_dict()}
+        return {"residuals": {k: v.detach().cpu() for k, v in getattr(c, "_memory", {}).items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        c = self.compressor
+        if c is None or not state:
+            return
+        if "compressor" in state and hasattr(c, "load_state_dict"):
+            c.load_state_dict(state["compressor"])
+        elif "residuals" in state and hasattr(c, "_memory"):
+            dev = self.device or torch.device("cpu")
+            c._memory.update({k: v.to(dev) for k, v in state["residuals"].items()})

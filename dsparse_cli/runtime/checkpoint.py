@@ -1,0 +1,101 @@
+"""Per-rank checkpoints: `workdir/checkpoints/latest.pt`, replaced atomically.
+
+A checkpoint holds everything a rank needs to continue exactly where it stopped: model state,
+optimizer state, the position in the data (epoch, step in epoch, global step), RNG states,
+aggregator state (compression residuals) and the hash of the plan it was made under. A crash
+during a save leaves the previous checkpoint intact (tmp file + fsync + `os.replace`), and the
+one before is kept as `previous.pt`, so the ranks can agree on a step they all have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import torch
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be used; the message says why and what to do."""
+
+
+def plan_hash(plan: dict) -> str:
+    """The same hash the launcher records for a job (sha256 of the sorted JSON, 16 hex)."""
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def checkpoint_path(workdir: str) -> str:
+    return os.path.join(workdir, "checkpoints", "latest.pt")
+
+
+def previous_path(path: str) -> str:
+    return os.path.join(os.path.dirname(path), "previous.pt")
+
+
+def candidate_paths(workdir: str) -> list[str]:
+    """latest.pt, then previous.pt (the one before), whichever exist."""
+    latest = checkpoint_path(workdir)
+    return [p for p in (latest, previous_path(latest)) if os.path.isfile(p)]
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Write `state` (plain containers of tensors and numbers) atomically; the checkpoint it
+    replaces is kept as previous.pt (a fallback when another rank died mid-save)."""
+    d = os.path.dirname(path) or "."
+    os.makedirs(d, exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save({"format": FORMAT_VERSION, **state}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if os.path.exists(path):
+            os.replace(path, previous_path(path))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    try:  # make the rename itself durable
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def load_checkpoint(path: str, expected_plan_hash: str, rank: int | None = None) -> dict:
+    """Load a checkpoint, refusing one made under another plan or for another rank."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint to resume from at {path}; start the job without --resume")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); "
+                              "start the job without --resume") from None
+    if state.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format {state.get('format')!r}, expected "
+                              f"{FORMAT_VERSION}; start the job without --resume")
+    if state.get("plan_hash") != expected_plan_hash:
+        raise CheckpointError(f"checkpoint {path} was made under plan {state.get('plan_hash')}, not the current "
+                              f"plan {expected_plan_hash}; resume with the same plan or start without --resume")
+    if rank is not None and state.get("rank") != rank:
+        raise CheckpointError(f"checkpoint {path} belongs to rank {state.get('rank')}, not rank {rank}")
+    return state
