@@ -19,6 +19,7 @@ JobOpt = typer.Option(None, "--job", help="Job id (default: the latest job start
 
 
 def _collect(inv: Inventory, rec, connect_timeout: float, stale_after_s: float) -> dict:
+    from dsparse_cli.jobs import records
     from dsparse_cli.jobs.boardio import read_state
     from dsparse_cli.jobs.status import board_row, job_state
     from dsparse_cli.remote import connect, fan_out
@@ -36,8 +37,35 @@ def _collect(inv: Inventory, rec, connect_timeout: float, stale_after_s: float) 
     results = fan_out([by_name[r.name] for r in rec.boards], one)
     rows = [board_row(run, res.value if res.ok else None, res.error, stale_after_s)
             for run, res in zip(rec.boards, results)]
+    # Read after the boards: `stop` records "stopping" before it signals anything, so a board
+    # seen stopped here is always matched by a record that says so.
+    rec.state = records.load(inv.state_dir, rec.id).state
+    if rec.state in ("stopping", "stopped"):  # on request (`dsparse stop`, Ctrl-C): not a failure
+        for row in rows:
+            if row["state"] == "failed":
+                row["state"] = "stopped"
+    devices = {d["name"]: d for d in _job_plan(inv, rec)["devices"]}
+    for row in rows:  # peak memory vs plan
+        d = devices.get(row["name"], {})
+        row["budget_bytes"], row["predicted_peak_bytes"] = d.get("budget_bytes"), d.get("predicted_peak_bytes")
     return {"job": rec.id, "state": job_state(rec, rows), "cluster": rec.cluster,
             "failed_board": rec.failed_board, "boards": rows}
+
+
+def _job_plan(inv: Inventory, rec) -> dict:
+    """The plan the job runs under (for budgets), when .dsparse/plan.json is still that plan."""
+    import json
+
+    from dsparse_cli.jobs.launch import plan_hash
+
+    path = inv.state_dir / "plan.json"
+    try:
+        plan = json.loads(path.read_text())
+        if plan_hash(plan) == rec.plan_hash:
+            return plan
+    except (OSError, ValueError):
+        pass
+    return {"devices": [{"name": b.name} for b in rec.boards]}
 
 
 def _summary_line(doc: dict) -> str:
@@ -73,7 +101,7 @@ def status(
     else:
         from dsparse_cli.jobs.follow import Follower
 
-        plan = {"devices": [{"name": b.name} for b in rec.boards]}
+        plan = _job_plan(inv, rec)
         table = Follower(inv, rec, plan, {}, live=False).table(doc["boards"])
         table.title = _summary_line(doc)
         console.print(table)
@@ -87,18 +115,24 @@ def status(
 def _watch(inv, rec, doc, interval, connect_timeout, stale_after) -> dict:
     from rich.live import Live
 
+    from dsparse_cli.jobs import records
     from dsparse_cli.jobs.follow import Follower
 
-    plan = {"devices": [{"name": b.name} for b in rec.boards]}
-    view = Follower(inv, rec, plan, {}, live=False)
+    view = Follower(inv, rec, _job_plan(inv, rec), {}, live=False)
+
+    def render(doc):
+        table = view.table(doc["boards"])
+        table.title = _summary_line(doc)
+        return table
+
     try:
-        with Live(view.table(doc["boards"]), console=console, refresh_per_second=2) as live:
-            while doc["state"] in ("running", "degraded"):
+        # transient: the caller prints the final table once the watch ends
+        with Live(render(doc), console=console, refresh_per_second=2, transient=True) as live:
+            while doc["state"] in ("running", "degraded", "stopping"):
                 time.sleep(interval)
+                rec = records.load(inv.state_dir, rec.id)  # stop/resume change it meanwhile
                 doc = _collect(inv, rec, connect_timeout, stale_after)
-                table = view.table(doc["boards"])
-                table.title = _summary_line(doc)
-                live.update(table)
+                live.update(render(doc))
     except KeyboardInterrupt:
         pass
     return doc

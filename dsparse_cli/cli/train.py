@@ -6,17 +6,19 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from dsparse_cli.cli import ClusterOpt, JsonOpt, VerboseOpt, app, done
 from dsparse_cli.cli.common import inventory, print_json
-from dsparse_cli.console import console, error, info, success, warning
+from dsparse_cli.console import console, err_console, error, info, success, warning
 from dsparse_cli.errors import EXIT_BOARD_FAILED, EXIT_INTERRUPTED, EXIT_OK, ConfigError
 from dsparse_cli.inventory import Inventory, format_size
 
 
 @app.command()
 def train(
+    ctx: typer.Context,
     cluster: Optional[Path] = ClusterOpt,
     dataset: str = typer.Option("digits", help="digits (bundled, no network), cifar10, or synthetic."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Dataset folder (cifar10)."),
@@ -60,15 +62,16 @@ def train(
         collective_timeout_s=collective_timeout, checkpoint_every_steps=checkpoint_every,
         backend="nccl" if _all_cuda(plan) else "gloo",
     )
-    if opts.optimizer != plan["optimizer"]:
-        raise ConfigError(f"the plan was made for optimizer {plan['optimizer']}, not {opts.optimizer}",
-                          f"re-run `dsparse plan --optimizer {opts.optimizer}`")
     previous = None
     if resume:
         previous = records.load(inv.state_dir)
         if previous.plan_hash != plan_hash(plan):
             raise ConfigError(f"job {previous.id} ran under another plan than the current one",
                               "resume needs the same plan; start a new job without --resume")
+        opts = _resumed_options(opts, previous.options, ctx)
+    if opts.optimizer != plan["optimizer"]:
+        raise ConfigError(f"the plan was made for optimizer {plan['optimizer']}, not {opts.optimizer}",
+                          f"re-run `dsparse plan --optimizer {opts.optimizer}`")
     rec, transports = start_job(inv, plan, opts, connect_timeout=connect_timeout,
                                 accept_new_host_keys=accept_new_host_keys, resume_of=previous)
     if detach:
@@ -80,6 +83,30 @@ def train(
     if not json_out:
         info(f"job {rec.id}: {len(rec.boards)} boards, {opts.dataset}, {opts.epochs} epoch(s); Ctrl-C stops it")
     done(_follow(inv, rec, plan, transports, json_out))
+
+
+# CLI parameter -> the TrainOptions fields it sets (for --resume: what the user changed).
+_OPTION_FIELDS = {"collective_timeout": ("collective_timeout_s",), "checkpoint_every": ("checkpoint_every_steps",),
+                  "density": ("compression",), "key_fraction": ("compression",), "entropy_bins": ("compression",),
+                  "warmup_steps": ("compression",)}
+
+
+def _resumed_options(opts, previous: dict | None, ctx: typer.Context):
+    """--resume continues the same run: the previous attempt's options, except those given now."""
+    import dataclasses
+
+    if not previous:
+        return opts
+    fields = {f.name for f in dataclasses.fields(opts)}
+    merged = {k: v for k, v in previous.items() if k in fields}
+    for name in ctx.params:
+        source = ctx.get_parameter_source(name)
+        if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
+            continue
+        for field in _OPTION_FIELDS.get(name, (name,)):
+            if field in fields:
+                merged[field] = getattr(opts, field)
+    return dataclasses.replace(opts, **merged)
 
 
 def _follow(inv: Inventory, rec, plan: dict, transports, json_out: bool) -> int:
@@ -102,9 +129,11 @@ def _follow(inv: Inventory, rec, plan: dict, transports, json_out: bool) -> int:
             print_json(_summary_doc(rec, plan, outcome.rows))
         error(f"board {outcome.failed_board} failed: {outcome.error}; the other boards were stopped "
               "(resume with `dsparse train --resume`)")
-        for line in outcome.last_lines:
-            console.print(f"  [dim]{outcome.failed_board} |[/] {line}", highlight=False, markup=False)
+        for line in outcome.last_lines:  # with the error, on stderr: stdout may be --json
+            err_console.print(f"  [dim]{outcome.failed_board} |[/] {escape(line)}", highlight=False)
         return EXIT_BOARD_FAILED
+    if outcome.lingering:  # every board finished but a process did not exit: end it
+        stop_job(inv, rec, transports=transports, state="finished")
     rec.state = "finished"
     rec.summary = _summary_doc(rec, plan, outcome.rows)
     records.save(inv.state_dir, rec)

@@ -44,10 +44,13 @@ def _alive_check(pid: int | None) -> str:
 
 def state_command(run: BoardRun, log_offset: int) -> str:
     status, log = shlex.quote(run.status_path), shlex.quote(run.log_path)
+    # Liveness first, heartbeat after: a process found dead wrote its last heartbeat before, so
+    # "died without reporting" is never a final heartbeat that landed between the two reads.
     return "; ".join([
+        f"a=$({_alive_check(run.pid)})", f"w=$({_alive_check(run.worker_pid)})",
         f"cat {status} 2>/dev/null", f"echo {_SEP}", "date +%s.%N", f"echo {_SEP}",
-        _alive_check(run.pid), f"echo {_SEP}",
-        _alive_check(run.worker_pid), f"echo {_SEP}",
+        'echo "$a"', f"echo {_SEP}",
+        'echo "$w"', f"echo {_SEP}",
         f"wc -c < {log} 2>/dev/null || echo 0", f"echo {_SEP}",
         f"tail -c +{log_offset + 1} {log} 2>/dev/null | head -c 65536",
     ])

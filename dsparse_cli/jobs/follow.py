@@ -28,6 +28,8 @@ from dsparse_cli.remote.base import Transport
 _PEER_ERROR = re.compile(r"peer|connection|broken pipe|timed? ?out|gloo|nccl|DistBackendError|"
                          r"aborted|store|socket", re.I)
 UNREACHABLE_POLLS = 10
+EXIT_WAIT_S = 20.0   # after every board reported finished: how long torchrun may take to exit
+SETTLE_S = 5.0       # a failed board's torchrun gets this long to exit and log why, before we stop it
 
 
 @dataclass
@@ -37,6 +39,7 @@ class Outcome:
     failed_board: str | None = None
     error: str | None = None
     last_lines: list[str] = field(default_factory=list)
+    lingering: bool = False             # finished, but some process had not exited yet
 
 
 class Follower:
@@ -48,6 +51,7 @@ class Follower:
         self.offsets = {r.name: 0 for r in rec.boards}
         self.partial = {r.name: "" for r in rec.boards}
         self.unreachable = {r.name: 0 for r in rec.boards}
+        self.alive = {r.name: True for r in rec.boards}  # any of the board's processes, last poll
         self.budgets = {d["name"]: d.get("budget_bytes") for d in plan["devices"]}
         self.pool = ThreadPoolExecutor(max_workers=max(1, len(rec.boards)))
 
@@ -63,6 +67,7 @@ class Follower:
         for run, (state, err) in zip(self.rec.boards, results):
             if state is not None:
                 self.unreachable[run.name] = 0
+                self.alive[run.name] = bool(state.alive or state.worker_alive)
                 self._emit_log(run.name, state)
                 pid = (state.heartbeat or {}).get("pid")
                 if isinstance(pid, int) and run.worker_pid != pid:
@@ -100,7 +105,7 @@ class Follower:
         for r in rows:
             colour = {"finished": "green", "failed": "red", "stale": "yellow", "unreachable": "red"}.get(r["state"], "")
             t.add_row(r["name"], f"[{colour}]{r['state']}[/]" if colour else r["state"],
-                      _fmt(r.get("epoch")), _fmt(r.get("step")), _fmt(r.get("loss"), ".3f"),
+                      _epoch(r), _step(r), _fmt(r.get("loss"), ".3f"),
                       _fmt(r.get("accuracy"), ".3f"), _fmt(r.get("samples_per_s"), ".1f"),
                       f"{format_size(r.get('peak_process_bytes'))} / {format_size(self.budgets.get(r['name']))}",
                       _fmt(r.get("agg_ms_per_step"), ".1f"), format_size(r.get("bytes_per_step")),
@@ -117,16 +122,35 @@ class Follower:
             self.pool.shutdown(wait=False)
 
     def _loop(self, show) -> Outcome:
+        finished_at = None
         while True:
             rows = self.poll()
             show(rows)
             if all(r["state"] == "finished" for r in rows):
-                return Outcome("finished", rows)
+                # Wait for torchrun to exit too: until then rank 0 holds the rendezvous port.
+                finished_at = finished_at or time.monotonic()
+                lingering = any(self.alive.values())
+                if not lingering or time.monotonic() - finished_at > EXIT_WAIT_S:
+                    return Outcome("finished", rows, lingering=lingering)
+                time.sleep(min(self.poll_s, 0.5))
+                continue
             culprit = self.failure(rows)
             if culprit:
+                self._settle(culprit["name"])
                 lines = self._last_lines(culprit["name"])
                 return Outcome("failed", rows, culprit["name"], culprit["error"], lines)
             time.sleep(self.poll_s)
+
+    def _settle(self, name: str) -> None:
+        """Give the failed board's torchrun a moment to notice its dead worker and log the cause
+        (exit code, signal): otherwise our stop would cut it short and leave nothing to show."""
+        run = next(r for r in self.rec.boards if r.name == name)
+        deadline = time.monotonic() + SETTLE_S
+        while time.monotonic() < deadline:
+            state, _ = self._poll_one(run)
+            if state is None or not state.alive:
+                return
+            time.sleep(0.5)
 
     def _last_lines(self, name: str) -> list[str]:
         run = next(r for r in self.rec.boards if r.name == name)
@@ -134,6 +158,17 @@ class Follower:
             return last_log_lines(self.transports[name], run)
         except Exception as exc:
             return [f"(could not read the log: {exc})"]
+
+
+def _epoch(r: dict) -> str:
+    return f"{r['epoch']}/{r['epochs']}" if r.get("epoch") and r.get("epochs") else _fmt(r.get("epoch"))
+
+
+def _step(r: dict) -> str:
+    """The step within the whole run (the per-epoch step restarts at every epoch)."""
+    if r.get("global_step") is not None and r.get("total_steps"):
+        return f"{r['global_step']}/{r['total_steps']}"
+    return _fmt(r.get("step"))
 
 
 def _escape(text: str) -> str:

@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import socket
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -74,11 +75,52 @@ def check_options(opts: TrainOptions, plan: dict) -> None:
         raise ConfigError("--epochs and --max-steps must be at least 1")
 
 
+def check_probe_facts(inv: Inventory, plan: dict) -> None:
+    """The plan was made from a probe: a board it found without torch cannot run the job. A probe
+    whose `import torch` merely timed out (a slow board) proved nothing: the preflight checks it."""
+    from dsparse_cli.probing.collect import read_cache
+
+    probe = plan.get("probe") or {}
+    cached = {b["name"]: b for b in (read_cache(inv) or {}).get("boards", [])}
+    for d in plan["devices"]:
+        facts = probe.get(d["name"]) or {}
+        warnings = (cached.get(d["name"]) or {}).get("warnings") or []
+        if any("did not finish" in w for w in warnings):  # board_script.collect_torch's timeout
+            continue
+        if facts.get("source") == "probe" and not facts.get("torch"):
+            raise ConfigError(f"the probe found no torch on board {d['name']} (the plan was made from that probe)",
+                              "install torch and torchvision there, then re-run `dsparse probe` and `dsparse plan`")
+
+
+def warn_torch_changed(name: str, found: dict, plan: dict) -> None:
+    planned = ((plan.get("probe") or {}).get(name) or {}).get("torch")
+    # The probe reports torch.__version__ ("2.5.0+cu124"), the package metadata may drop the local part.
+    if planned and found.get("torch") and found["torch"].split("+")[0] != planned.split("+")[0]:
+        from dsparse_cli.console import warning
+
+        warning(f"board {name} now has torch {found['torch']}, the plan was made with {planned}; "
+                "re-run `dsparse probe` and `dsparse plan` if its memory figures changed")
+
+
+def probe_ifaces(inv: Inventory, plan: dict) -> dict[str, str]:
+    """Per board, the interface toward the master that the probe found: the probe cache first
+    (it is the newest), then the plan's probe facts. Entries probed for another master are skipped."""
+    from dsparse_cli.probing.collect import read_cache
+
+    found = {n: f["iface"] for n, f in (plan.get("probe") or {}).items() if (f or {}).get("iface")}
+    for b in (read_cache(inv) or {}).get("boards", []):
+        if b.get("ok") and b.get("iface") and b.get("master") in (None, inv.master_addr):
+            found[b["name"]] = b["iface"]
+    return found
+
+
 def check_port_free(inv: Inventory) -> None:
     """The rendezvous port on the master must be free, or torchrun fails late and obscurely."""
     if not all(b.local for b in inv.boards):
         return  # checked on the rank-0 board by the SSH path
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As torch's TCPStore does: a port left in TIME_WAIT by a previous job is free to listen on.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((inv.master_addr, inv.master_port))
         except OSError:
@@ -113,17 +155,21 @@ def runtime_files() -> list[tuple[Path, str]]:
 
 def worker_command(target: Target, rank: int, world: int, inv: Inventory, run_dir: str) -> str:
     q = shlex.quote
+    # exec: the recorded pid (== pgid == sid) is torchrun itself, not a shell waiting on it
     return " ".join([
-        q(target.python), "-m", "torch.distributed.run", "--nnodes", str(world), "--node-rank", str(rank),
+        "exec", q(target.python), "-m", "torch.distributed.run", "--nnodes", str(world), "--node-rank", str(rank),
         "--nproc-per-node", "1", "--master-addr", q(inv.master_addr), "--master-port", str(inv.master_port),
         "--max-restarts", "0", "--monitor-interval", "1",
         "-m", "dsparse_cli.runtime.worker", "--plan", q(f"{run_dir}/plan.json"), "--job", q(f"{run_dir}/job.json"),
     ])
 
 
-def worker_env(target: Target, inv: Inventory, pkg_dir: str, iface: str | None) -> dict[str, str]:
+def worker_env(target: Target, inv: Inventory, pkg_dir: str, probed_iface: str | None = None) -> dict[str, str]:
+    """The worker's environment. Collectives bind to the inventory's `iface`, else to the one the
+    probe found toward the master (so gloo/NCCL never pick a wrong interface on multi-homed boards)."""
     from dsparse_cli.planning.profile import MALLOC_ENV
 
+    iface = target.iface or probed_iface
     # The plan's memory figures were measured with glibc returning freed memory at once; the
     # worker runs the same way so its footprint is the one planned (it costs some speed).
     env = {"PYTHONPATH": pkg_dir, "PYTHONUNBUFFERED": "1", "TORCH_CPP_LOG_LEVEL": "ERROR", **MALLOC_ENV}
@@ -156,6 +202,10 @@ _PREFLIGHT = (
     "print('home=' + os.path.expanduser('~'))\n"
     "missing = [m for m in ('torch', 'torchvision') if u.find_spec(m) is None]\n"
     "print('missing=' + ','.join(missing))\n"
+    "for m in ('torch', 'torchvision'):\n"
+    "    try:\n"
+    "        from importlib.metadata import version; print(m + '=' + version(m))\n"
+    "    except Exception: pass\n"
     "port = int(sys.argv[1])\n"
     "if port:\n"
     "    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
@@ -164,9 +214,10 @@ _PREFLIGHT = (
 )
 
 
-def preflight(transport: Transport, target: Target, port: int | None) -> str:
+def preflight(transport: Transport, target: Target, port: int | None) -> dict[str, str]:
     """On the board, without importing torch (slow on a Pi): torch and torchvision are installed,
-    and, on the rank-0 board, the rendezvous port is free. Returns the board's home directory."""
+    and, on the rank-0 board, the rendezvous port is free. Returns what it found: `home` and the
+    installed `torch`/`torchvision` versions (when their metadata says)."""
     result = transport.run(f"{shlex.quote(target.python)} - {port or 0}", timeout=60, input=_PREFLIGHT.encode())
     if result.rc in (126, 127):
         raise ConfigError(f"python {target.python!r} not found on board {target.name}",
@@ -181,7 +232,7 @@ def preflight(transport: Transport, target: Target, port: int | None) -> str:
     if out.get("port") == "busy":
         raise ConfigError(f"port {port} is already in use on board {target.name} (the rendezvous master)",
                           "stop what holds it or pass --master-port")
-    return out["home"]
+    return out
 
 
 def absolute_workdir(workdir: str, home: str) -> str:
@@ -203,7 +254,7 @@ def _stage_board(transport: Transport, target: Target, run: BoardRun, plan: dict
     transport.put(str(local_dir / "job.json"), f"{run.run_dir}/job.json")
     if target.local:
         return str(_package_root())
-    workdir = run.run_dir.rsplit("/runs/", 1)[0]
+    workdir = run.workdir
     pkg = f"{workdir}/pkg"
     for local_file, rel in runtime_files():
         transport.put(str(local_file), f"{pkg}/{rel}")
@@ -212,14 +263,36 @@ def _stage_board(transport: Transport, target: Target, run: BoardRun, plan: dict
     return pkg
 
 
+def _reset_run(transport: Transport, run: BoardRun) -> None:
+    """Before a resumed attempt: the last attempt's heartbeat would read as this one's (failed,
+    or a dead worker pid), and its log would be shown again. Keep the log as worker.log.N."""
+    q = shlex.quote
+    run.pid = run.pgid = run.worker_pid = None
+    old_log = f"{run.log_path}.{int(time.time())}"
+    transport.run(f"rm -f {q(run.status_path)} {q(run.run_dir + '/summary.json')}; "
+                  f"if [ -f {q(run.log_path)} ]; then mv -f {q(run.log_path)} {q(old_log)}; fi", timeout=30)
+
+
+def _write_board_record(transport: Transport, run: BoardRun, rec: JobRecord, staging: Path) -> None:
+    """`workdir/job.json` on the board: which job runs there now, so it can be found on the board."""
+    doc = {"id": rec.id, "cluster": rec.cluster, "rank": run.rank, "run_dir": run.run_dir,
+           "pid": run.pid, "pgid": run.pgid, "started": run.started, "plan_hash": rec.plan_hash,
+           "master_addr": rec.master_addr, "master_port": rec.master_port, "attempt": rec.attempts}
+    local = staging / run.name / "board-job.json"
+    local.write_text(json.dumps(doc, indent=1, sort_keys=True))
+    transport.put(str(local), f"{run.workdir}/job.json")
+
+
 def start_job(inv: Inventory, plan: dict, opts: TrainOptions, *, connect_timeout: float,
               accept_new_host_keys: bool = False,
               resume_of: JobRecord | None = None) -> tuple[JobRecord, dict[str, Transport]]:
     """Stage every board, then start every board. Raises before starting anything when a board
     cannot be staged; stops what it started when a later start fails."""
     check_options(opts, plan)
+    check_probe_facts(inv, plan)
     check_port_free(inv)
     rec = resume_of or new_record(inv, plan, records.new_job_id())
+    rec.options = asdict(opts)
     if resume_of:
         rec.attempts += 1
         rec.state, rec.failed_board, rec.error = "starting", None, None
@@ -232,12 +305,13 @@ def start_job(inv: Inventory, plan: dict, opts: TrainOptions, *, connect_timeout
         transport = connect(target, connect_timeout=connect_timeout, accept_new_host_keys=accept_new_host_keys)
         try:
             if not target.local:
-                home = preflight(transport, target, inv.master_port if run.rank == 0 else None)
-                run.run_dir = absolute_workdir(run.run_dir, home)
+                found = preflight(transport, target, inv.master_port if run.rank == 0 else None)
+                warn_torch_changed(run.name, found, plan)
+                run.run_dir = absolute_workdir(run.run_dir, found["home"])
             job = job_doc(opts, rec.id, run.run_dir, resume=resume_of is not None)
             if not target.local and opts.dataset == "digits" and not opts.data_dir:
                 # shipped with the runtime, so boards need no scikit-learn
-                job["data_dir"] = run.run_dir.rsplit("/runs/", 1)[0] + "/data"
+                job["data_dir"] = run.workdir + "/data"
             pkg = _stage_board(transport, target, run, plan, job, staging)
         except BaseException:
             transport.close()
@@ -254,15 +328,19 @@ def start_job(inv: Inventory, plan: dict, opts: TrainOptions, *, connect_timeout
         raise JobError(f"board {failed[0].name}: {failed[0].error}; nothing was started",
                        exit_code=EXIT_BOARD_FAILED)
     transports = {r.name: r.value[0] for r in staged}
+    ifaces = probe_ifaces(inv, plan)
     records.save(inv.state_dir, rec)
     try:
         for run, result in zip(rec.boards, staged):
             target, (transport, pkg) = by_name[run.name], result.value
-            env = worker_env(target, inv, pkg, target.iface)
+            if resume_of:
+                _reset_run(transport, run)
+            env = worker_env(target, inv, pkg, ifaces.get(run.name))
             proc = transport.start_detached(worker_command(target, run.rank, world, inv, run.run_dir),
                                             log_path=run.log_path, env=env, cwd=run.run_dir)
-            run.pid, run.pgid = proc.pid, proc.pgid
+            run.pid, run.pgid, run.started = proc.pid, proc.pgid, time.time()
             records.save(inv.state_dir, rec)  # recorded at once: stop must find it even if we die now
+            _write_board_record(transport, run, rec, staging)
     except BaseException as exc:
         from dsparse_cli.jobs.stop import stop_job
 

@@ -32,6 +32,11 @@ class BoardRun:
         return [g for g in (self.pgid, self.worker_pid) if g]
 
     @property
+    def workdir(self) -> str:
+        """The board's workdir (run dirs are `<workdir>/runs/<job id>`)."""
+        return self.run_dir.rsplit("/runs/", 1)[0]
+
+    @property
     def status_path(self) -> str:
         return f"{self.run_dir}/status.json"
 
@@ -55,6 +60,7 @@ class JobRecord:
     error: str | None = None
     summary: dict | None = None
     attempts: int = 1
+    options: dict | None = None  # the TrainOptions it was started with (what --resume reuses)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

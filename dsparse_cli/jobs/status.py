@@ -49,6 +49,8 @@ def board_row(run: BoardRun, state: BoardState | None, error: str | None,
 
 def job_state(rec: JobRecord, rows: list[dict]) -> str:
     states = [r["state"] for r in rows]
+    if rec.state == "stopping":
+        return "stopping"
     if rec.state == "stopped" and "running" not in states:
         return "stopped"
     if all(s == "finished" for s in states):

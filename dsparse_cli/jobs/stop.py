@@ -54,8 +54,11 @@ def stop_job(inv: Inventory, rec: JobRecord, *, transports: dict[str, Transport]
         transport = transports.get(run.name) or connect(target, connect_timeout=connect_timeout)
         return stop_board(transport, run, grace_s)
 
-    results = fan_out([by_name[r.name] for r in rec.boards if r.process_groups() and r.name in by_name], one)
     if rec.state in ("starting", "running"):
+        rec.state = "stopping"  # so `status` reads the boards' "stopped" heartbeats as asked for
+        records.save(inv.state_dir, rec)
+    results = fan_out([by_name[r.name] for r in rec.boards if r.process_groups() and r.name in by_name], one)
+    if rec.state == "stopping":
         rec.state = state
     records.save(inv.state_dir, rec)
     return results

@@ -732,7 +732,7 @@ def build_parser():
     p.add_argument("--workdir", default="~", help="measure free disk here")
     p.add_argument("--memory-limit", type=int, default=None,
                    help="inventory memory limit in bytes")
-    p.add_argument("--torch-timeout", type=float, default=20.0,
+    p.add_argument("--torch-timeout", type=float, default=60.0,
                    help="seconds allowed for `import torch, torchvision` and CUDA queries")
     p.add_argument("--no-torch", action="store_true", help="skip the torch check (fast)")
     return p

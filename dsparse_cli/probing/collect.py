@@ -13,7 +13,7 @@ from dsparse_cli.probing import board_script_source
 from dsparse_cli.probing.parse import DeviceInfo, parse_probe_output
 from dsparse_cli.remote import connect, fan_out
 
-PROBE_TIMEOUT_S = 60.0
+PROBE_TIMEOUT_S = 120.0  # importing torch on a Raspberry Pi can take a minute
 CACHE_NAME = "probe.json"
 
 
