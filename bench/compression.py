@@ -51,9 +51,9 @@ class BenchError(Exception):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--boards", type=int, default=4, help="simulated local boards (default 4)")
-    p.add_argument("--model", default="mobilenet_v2")
+    p.add_argument("--model", default="resnet18", help="default resnet18: plateaus on digits in 6 epochs")
     p.add_argument("--batch-size", type=int, default=32, help="per board")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--max-steps", type=int, default=None, help="cap the steps (smoke tests)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=0.05)
