@@ -19,7 +19,7 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/dsparse probe
 	$(VENV)/bin/dsparse plan --model mobilenet_v2 --batch-size 32 --image-size 64 --exclude-small
-	$(VENV)/bin/dsparse train --dataset digits --epochs 2
+	$(VENV)/bin/dsparse train --dataset digits --epochs 5 --lr 0.1
 	$(VENV)/bin/dsparse status
 
 test: $(STAMP)
