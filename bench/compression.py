@@ -27,8 +27,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,15 +34,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+from _runner import BenchError, dsparse, free_port, json_of, tail  # noqa: E402
 METHODS = ("none", "fp16", "topk", "pbgc")
 TARGET_RATIO = 37.1   # PBGC's best reported compression (Guo et al. 2021)
 AIM_RATIO = 100.0
 MAX_GAP_POINTS = 1.0  # accuracy within 1 point of `none`
 HEADROOM = 0.15       # `dsparse plan`'s default
-
-
-class BenchError(Exception):
-    """A step of the bench failed; the message says which and why."""
 
 
 # --- set-up ------------------------------------------------------------------------------
@@ -79,12 +75,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def write_cluster(work: Path, limits: list[str | int]) -> Path:
     """cluster.yaml of `local: true` boards b0..; the state dir is work/.dsparse."""
     lines = ["name: bench-compression", "master:", "  addr: 127.0.0.1", f"  port: {free_port()}", "boards:"]
@@ -99,35 +89,6 @@ def log(args, msg: str) -> None:
 
 
 # --- running dsparse ---------------------------------------------------------------------
-def dsparse(argv: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-    """`python -m dsparse_cli ARGV` in `cwd`. On timeout it is interrupted like Ctrl-C, which makes
-    `dsparse train` stop every board it started."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, "-m", "dsparse_cli", *argv], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            out, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-        raise BenchError(f"`dsparse {argv[0]}` ran past {timeout:.0f}s and was stopped; "
-                         f"last output: {_tail(err)}") from None
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def _tail(text: str, n: int = 3) -> str:
-    return " | ".join((text or "").strip().splitlines()[-n:]) or "(none)"
-
-
-def _json_out(res: subprocess.CompletedProcess, what: str) -> dict:
-    try:
-        return json.loads(res.stdout)
-    except ValueError:
-        raise BenchError(f"{what} exited {res.returncode} without JSON: {_tail(res.stderr)}") from None
 
 
 def make_plan(args, work: Path) -> tuple[Path, dict]:
@@ -143,8 +104,8 @@ def run_plan(args, work: Path, cluster: Path) -> dict:
     res = dsparse(["plan", "--cluster", str(cluster), "--model", args.model, "--batch-size", str(args.batch_size),
                    "--json"], work, args.timeout)
     if res.returncode != 0:
-        raise BenchError(f"dsparse plan failed (exit {res.returncode}): {_tail(res.stderr)}")
-    return _json_out(res, "dsparse plan")
+        raise BenchError(f"dsparse plan failed (exit {res.returncode}): {tail(res.stderr)}")
+    return json_of(res, "dsparse plan")
 
 
 def sparse_limits(plan: dict, n: int) -> list[int]:
@@ -177,8 +138,8 @@ def run_method(args, work: Path, cluster: Path, method: str) -> dict:
     wall = time.time() - t0
     if res.returncode != 0:
         raise BenchError(f"dsparse train --compression {method} failed (exit {res.returncode}): "
-                         f"{_tail(res.stdout if res.stdout.strip().startswith('{') else res.stderr)}")
-    summary = _json_out(res, f"dsparse train --compression {method}")
+                         f"{tail(res.stdout if res.stdout.strip().startswith('{') else res.stderr)}")
+    summary = json_of(res, f"dsparse train --compression {method}")
     return method_row(args, method, summary, board_summaries(work, summary), wall)
 
 

@@ -37,8 +37,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,13 +44,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+from _runner import BenchError, dsparse, free_port, json_of, tail  # noqa: E402
 sys.path.insert(0, str(REPO))
 EXAMPLE = REPO / "examples" / "seven-boards.yaml"
 MiB = 1 << 20
-
-
-class BenchError(Exception):
-    """A step of the bench failed; the message says which and why."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,42 +82,7 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --- running dsparse ---------------------------------------------------------------------
-def dsparse(argv: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-    """`python -m dsparse_cli ARGV`; on timeout it gets SIGINT like Ctrl-C, so `dsparse train`
-    stops every board it started before it exits."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "NO_COLOR": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "dsparse_cli", *argv], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            out, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-        raise BenchError(f"`dsparse {argv[0]}` ran past {timeout:.0f}s and was stopped: {_tail(err)}") from None
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def _tail(text: str, n: int = 3) -> str:
-    return " | ".join((text or "").strip().splitlines()[-n:]) or "(no output)"
-
-
-def _json_of(res: subprocess.CompletedProcess, what: str) -> dict:
-    try:
-        return json.loads(res.stdout)
-    except ValueError:
-        raise BenchError(f"{what} exited {res.returncode} without JSON: {_tail(res.stderr)}") from None
 
 
 # --- clusters and plans --------------------------------------------------------------------
@@ -148,8 +109,8 @@ def plan(args, cluster: Path) -> dict:
     res = dsparse(["plan", "--cluster", str(cluster), "--model", args.model, "--batch-size",
                    str(args.plan_batch_size), "--json"], cluster.parent, args.timeout)
     if res.returncode != 0:
-        raise BenchError(f"dsparse plan --cluster {cluster} failed (exit {res.returncode}): {_tail(res.stderr)}")
-    return _json_of(res, "dsparse plan")
+        raise BenchError(f"dsparse plan --cluster {cluster} failed (exit {res.returncode}): {tail(res.stderr)}")
+    return json_of(res, "dsparse plan")
 
 
 def share_profiles(src_state: Path, dst_state: Path) -> None:
@@ -183,10 +144,10 @@ def train(args, cluster: Path, plan_doc: dict) -> dict:
     t0 = time.monotonic()
     res = dsparse(argv, cluster.parent, args.timeout)
     wall = time.monotonic() - t0
-    doc = _json_of(res, "dsparse train")
+    doc = json_of(res, "dsparse train")
     if res.returncode != 0 or doc.get("state") != "finished":
         raise BenchError(f"dsparse train --cluster {cluster} ended {doc.get('state')} (exit {res.returncode}), "
-                         f"failed board {doc.get('failed_board')}: {_tail(res.stderr)}")
+                         f"failed board {doc.get('failed_board')}: {tail(res.stderr)}")
     doc["wall_s"] = wall
     doc["worker_summaries"] = worker_summaries(cluster.parent / ".dsparse")
     return doc

@@ -23,3 +23,15 @@ def inventory(cluster: Optional[Path], *, quiet: bool = False) -> Inventory:
 def print_json(doc) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, sort_keys=False) + "\n")
     sys.stdout.flush()
+
+
+def unit_ranges(units: list[int]) -> str:
+    """[3,4,5,9] -> '3-5,9'."""
+    out, start = [], None
+    for i, u in enumerate(units):
+        if start is None:
+            start = u
+        if i + 1 == len(units) or units[i + 1] != u + 1:
+            out.append(f"{start}" if start == u else f"{start}-{u}")
+            start = None
+    return ",".join(out) or "none"

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from dsparse_cli.cli import ClusterOpt, JsonOpt, VerboseOpt, app, done
-from dsparse_cli.cli.common import inventory, print_json
+from dsparse_cli.cli.common import inventory, print_json, unit_ranges
 from dsparse_cli.console import console, info, success, warning
 from dsparse_cli.errors import EXIT_OK, ConfigError
 from dsparse_cli.inventory import Inventory, format_size
@@ -168,12 +168,6 @@ def _push(inv: Inventory, doc: dict, connect_timeout: float, accept_new: bool, q
         success(f"plan pushed to {len(results)} boards")
 
 
-def units_ranges(units: list[int]) -> str:
-    from dsparse_cli.cli.train import _ranges
-
-    return _ranges(units)
-
-
 def _show(doc: dict) -> None:
     names = {u["index"]: u["name"] for u in doc["units"]}
     t = Table(title=f"plan: {doc['model']}, batch {doc['batch_size']}, {doc['optimizer']} "
@@ -189,7 +183,7 @@ def _show(doc: dict) -> None:
         units = d["units"]
         first = f" ({names[units[0]]}..{names[units[-1]]})" if units else ""
         row = [str(d["rank"]), d["name"], format_size(d["budget_bytes"]), format_size(d["predicted_peak_bytes"]),
-               format_size(d["full_update_peak_bytes"]), saving, units_ranges(units) + first]
+               format_size(d["full_update_peak_bytes"]), saving, unit_ranges(units) + first]
         if verify:
             m = d.get("measured_training_bytes")
             row.append(f"{format_size(m)} / {format_size(pred_t)} ({100 * (m / pred_t - 1):+.1f}%)" if m and pred_t else "-")
@@ -200,5 +194,5 @@ def _show(doc: dict) -> None:
         g.add_column(col)
     for grp in doc["groups"]:
         g.add_row(str(grp.get("id", "")), grp["op"], ",".join(map(str, grp["ranks"])), str(grp.get("root", "")),
-                  units_ranges(grp["units"]), format_size(grp["bytes_per_step"]))
+                  unit_ranges(grp["units"]), format_size(grp["bytes_per_step"]))
     console.print(g)

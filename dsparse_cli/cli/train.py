@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dsparse_cli.cli import ClusterOpt, JsonOpt, VerboseOpt, app, done
-from dsparse_cli.cli.common import inventory, print_json
+from dsparse_cli.cli.common import inventory, print_json, unit_ranges
 from dsparse_cli.console import console, err_console, error, info, success, warning
 from dsparse_cli.errors import EXIT_BOARD_FAILED, EXIT_INTERRUPTED, EXIT_OK, ConfigError
 from dsparse_cli.inventory import Inventory, format_size
@@ -174,23 +174,11 @@ def _summary_table(summary: dict) -> Table:
     for b in summary["boards"]:
         full, peak = b.get("full_update_training_bytes"), b.get("peak_memory_bytes")
         saving = f"{100 * (1 - b['predicted_training_bytes'] / full):.0f}%" if full and b.get("predicted_training_bytes") else "-"
-        t.add_row(b["name"], _ranges(b["units"]), format_size(peak), format_size(b.get("predicted_training_bytes")),
+        t.add_row(b["name"], unit_ranges(b["units"]), format_size(peak), format_size(b.get("predicted_training_bytes")),
                   format_size(full), saving,
                   f"{b['agg_ms_per_step']:.1f}" if b.get("agg_ms_per_step") is not None else "-",
                   format_size(b.get("bytes_per_step")))
     return t
-
-
-def _ranges(units: list[int]) -> str:
-    """[3,4,5,9] -> '3-5,9'."""
-    out, start = [], None
-    for i, u in enumerate(units):
-        if start is None:
-            start = u
-        if i + 1 == len(units) or units[i + 1] != u + 1:
-            out.append(f"{start}" if start == u else f"{start}-{u}")
-            start = None
-    return ",".join(out) or "none"
 
 
 def _compression_spec(name: str, density: float, key_fraction: float, bins: int, warmup: int) -> dict:
