@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +43,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
+from _example import measured_base_mib, rebased  # noqa: E402
 from _runner import BenchError, dsparse, free_port, json_of, tail  # noqa: E402
 sys.path.insert(0, str(REPO))
 EXAMPLE = REPO / "examples" / "seven-boards.yaml"
@@ -69,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="reuse measured profiles from this folder (a .dsparse/profiles; default: measure)")
     p.add_argument("--workdir", type=Path, default=None, help="scratch dir, kept (default: a temp dir, removed)")
     p.add_argument("--json", action="store_true", help="print the results JSON only")
+    p.add_argument("--no-rebase", dest="rebase", action="store_false",
+                   help="use the example's limits as written (default: move them by the measured base's "
+                        "drift from the 904.7 MiB they were derived for; see bench/_example.py)")
     a = p.parse_args(argv)
     a.runs = [r.strip() for r in a.runs.split(",") if r.strip()]
     if not a.runs or any(r not in ("sparse", "ddp") for r in a.runs):
@@ -126,7 +128,7 @@ def plan_summary(doc: dict) -> dict:
     savings = [1 - d["predicted_training_bytes"] / d["full_update_training_bytes"] for d in doc["devices"]]
     return {"units": n, "covered_units": len(covered), "every_unit_trained": covered == list(range(n)),
             "predicted_average_saving": sum(savings) / len(savings), "base_bytes": doc["base_bytes"],
-            "groups": len(doc["groups"])}
+            "groups": len(doc["groups"]), "limit_shift_mib": doc.get("limit_shift_mib", 0.0)}
 
 
 def check_ddp_plan(doc: dict) -> None:
@@ -226,7 +228,8 @@ def print_table(doc: dict) -> None:
     if "sparse" in doc["plans"]:
         p = doc["plans"]["sparse"]
         print(f"plan: predicted average training-memory saving {_pct(p['predicted_average_saving'])}, "
-              f"every unit trained: {p['every_unit_trained']}, base {_mib(p['base_bytes'])} MiB")
+              f"every unit trained: {p['every_unit_trained']}, base {_mib(p['base_bytes'])} MiB, "
+              f"limits moved {p['limit_shift_mib']:+.1f} MiB")
     for name, run in doc["runs"].items():
         print(f"{name:6s} accuracy {100 * run['accuracy']:.2f}%  ({run['steps']} steps, {run['wall_s']:.0f} s)")
     if "accuracy_gap_points" in doc:
@@ -254,11 +257,15 @@ def print_table(doc: dict) -> None:
 def run_all(args, work: Path) -> dict:
     sparse_yaml = work / "sparse" / "cluster.yaml"
     sparse_yaml.parent.mkdir(parents=True)
-    shutil.copyfile(args.example, sparse_yaml)
     if args.profiles:
         shutil.copytree(args.profiles, sparse_yaml.parent / ".dsparse" / "profiles")
     log(f"planning the example (profiles {args.model} on first use, a few minutes) in {work}")
+    base = measured_base_mib(sparse_yaml.parent / ".dsparse", args.model, args.plan_batch_size)
+    text, shift = rebased(args.example.read_text(), base) if args.rebase else (args.example.read_text(), 0.0)
+    sparse_yaml.write_text(text)
+    log(f"measured process base {base:.1f} MiB: example limits moved by {shift:+.1f} MiB")
     plans = {"sparse": plan(args, sparse_yaml)}
+    plans["sparse"]["limit_shift_mib"] = shift
     ddp_yaml = ddp_cluster(work / "ddp" / "cluster.yaml", board_names(args.example))
     share_profiles(sparse_yaml.parent / ".dsparse", ddp_yaml.parent / ".dsparse")
     plans["ddp"] = plan(args, ddp_yaml)

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 
 console = Console()
 err_console = Console(stderr=True)
 
+# Messages are plain text (they quote board errors, paths and logs, which may contain "[...]"):
+# only the prefix and the colour are markup.
+
 
 def error(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def warning(message: str) -> None:
-    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def info(message: str) -> None:
-    err_console.print(f"[dim]{message}[/]", highlight=False, soft_wrap=True)
+    err_console.print(f"[dim]{escape(message)}[/]", highlight=False, soft_wrap=True)
 
 
 def success(message: str) -> None:
-    console.print(f"[green]{message}[/]", highlight=False, soft_wrap=True)
+    console.print(f"[green]{escape(message)}[/]", highlight=False, soft_wrap=True)

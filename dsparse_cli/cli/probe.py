@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from dsparse_cli.cli import ClusterOpt, JsonOpt, VerboseOpt, app, done
@@ -59,7 +60,7 @@ def _table(name: str, infos) -> Table:
         t.add_column(col, overflow="fold")
     for i in infos:
         if not i.ok:
-            t.add_row(f"[red]{i.name}[/]", f"[red]failed: {i.error}[/]", *[""] * 9)
+            t.add_row(f"[red]{i.name}[/]", f"[red]failed: {escape(i.error)}[/]", *[""] * 9)
             continue
         t.add_row(i.name, i.kind or "-", i.model or "-", i.arch or "-", str(i.cpus or "-"),
                   format_size(i.mem_total_bytes), format_size(i.mem_available_bytes),

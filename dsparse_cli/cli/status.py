@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from dsparse_cli.cli import ClusterOpt, JsonOpt, VerboseOpt, app, done
 from dsparse_cli.cli.common import inventory, print_json
@@ -107,7 +108,7 @@ def status(
         console.print(table)
         for b in doc["boards"]:
             if b["error"]:
-                err_console.print(f"[red]{b['name']}[/]: {b['error']}", highlight=False)
+                err_console.print(f"[red]{b['name']}[/]: {escape(b['error'])}", highlight=False)
     bad = any(b["state"] in ("failed", "unreachable") for b in doc["boards"])
     done(EXIT_BOARD_FAILED if bad else EXIT_OK)
 

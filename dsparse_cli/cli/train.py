@@ -122,7 +122,7 @@ def _follow(inv: Inventory, rec, plan: dict, transports, json_out: bool) -> int:
         stop_job(inv, rec, transports=transports, state="stopped")
         return EXIT_INTERRUPTED
     if outcome.state == "failed":
-        stop_job(inv, rec, transports=transports, state="failed")
+        stopped = stop_job(inv, rec, transports=transports, state="failed")
         rec.state, rec.failed_board, rec.error = "failed", outcome.failed_board, outcome.error
         records.save(inv.state_dir, rec)
         if json_out:
@@ -131,6 +131,9 @@ def _follow(inv: Inventory, rec, plan: dict, transports, json_out: bool) -> int:
               "(resume with `dsparse train --resume`)")
         for line in outcome.last_lines:  # with the error, on stderr: stdout may be --json
             err_console.print(f"  [dim]{outcome.failed_board} |[/] {escape(line)}", highlight=False)
+        for res in stopped:
+            if not res.ok:
+                warning(f"could not stop board {res.name}: {res.error}")
         return EXIT_BOARD_FAILED
     if outcome.lingering:  # every board finished but a process did not exit: end it
         stop_job(inv, rec, transports=transports, state="finished")

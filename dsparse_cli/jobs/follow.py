@@ -4,12 +4,18 @@ The follower polls every board (one round trip each, in parallel). As soon as on
 failed — its worker reported an error, its process vanished, or its heartbeat went stale — it
 stops every other board rather than letting them wait out a collective timeout, and names the
 board that failed first with its last log lines.
+
+A board that stops answering (link down, powered off) is blamed once it has been silent for
+UNREACHABLE_S, or at once when the others fail with errors about a lost peer. Polls time out after
+POLL_TIMEOUT_S, so one silent board cannot hold up the view of the others for long, and its last
+log lines are the ones already streamed (reading them would need the board).
 """
 
 from __future__ import annotations
 
 import re
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -27,7 +33,9 @@ from dsparse_cli.remote.base import Transport
 # Errors a worker reports when *another* board went away: not the root cause.
 _PEER_ERROR = re.compile(r"peer|connection|broken pipe|timed? ?out|gloo|nccl|DistBackendError|"
                          r"aborted|store|socket", re.I)
-UNREACHABLE_POLLS = 10
+POLL_TIMEOUT_S = 5.0   # one board's state read
+UNREACHABLE_S = 25.0   # silent this long: the board is lost (the job must be named lost within 60 s)
+LOG_TAIL = 12
 EXIT_WAIT_S = 20.0   # after every board reported finished: how long torchrun may take to exit
 SETTLE_S = 5.0       # a failed board's torchrun gets this long to exit and log why, before we stop it
 
@@ -50,14 +58,15 @@ class Follower:
         self.show_logs, self.live, self.poll_s, self.stale_after_s = show_logs, live, poll_s, stale_after_s
         self.offsets = {r.name: 0 for r in rec.boards}
         self.partial = {r.name: "" for r in rec.boards}
-        self.unreachable = {r.name: 0 for r in rec.boards}
+        self.last_contact = {r.name: time.monotonic() for r in rec.boards}
+        self.tail = {r.name: deque(maxlen=LOG_TAIL) for r in rec.boards}
         self.alive = {r.name: True for r in rec.boards}  # any of the board's processes, last poll
         self.budgets = {d["name"]: d.get("budget_bytes") for d in plan["devices"]}
         self.pool = ThreadPoolExecutor(max_workers=max(1, len(rec.boards)))
 
     def _poll_one(self, run) -> tuple[BoardState | None, str | None]:
         try:
-            return read_state(self.transports[run.name], run, self.offsets[run.name]), None
+            return read_state(self.transports[run.name], run, self.offsets[run.name], timeout=POLL_TIMEOUT_S), None
         except Exception as exc:  # one board's trouble is that board's row
             return None, f"{type(exc).__name__}: {exc}"
 
@@ -66,15 +75,16 @@ class Follower:
         rows, changed = [], False
         for run, (state, err) in zip(self.rec.boards, results):
             if state is not None:
-                self.unreachable[run.name] = 0
+                self.last_contact[run.name] = time.monotonic()
                 self.alive[run.name] = bool(state.alive or state.worker_alive)
                 self._emit_log(run.name, state)
                 pid = (state.heartbeat or {}).get("pid")
                 if isinstance(pid, int) and run.worker_pid != pid:
                     run.worker_pid, changed = pid, True
-            else:
-                self.unreachable[run.name] += 1
             rows.append(board_row(run, state, err, self.stale_after_s))
+            if state is None:
+                silent = time.monotonic() - self.last_contact[run.name]
+                rows[-1]["error"] = f"did not answer for {silent:.0f}s ({err})"
         if changed:
             records.save(self.inv.state_dir, self.rec)
         return rows
@@ -83,19 +93,22 @@ class Follower:
         self.offsets[name] += len(state.new_log.encode())
         text = self.partial[name] + state.new_log
         *lines, self.partial[name] = text.split("\n")
+        self.tail[name].extend(line for line in lines if line.strip())
         if self.show_logs:
             for line in lines:
                 if line.strip():
                     err_console.print(f"[cyan]{name}[/] | " + _escape(line), highlight=False)
 
     def failure(self, rows: list[dict]) -> dict | None:
-        """The board to blame, if any: prefer one whose error is not about a vanished peer."""
-        bad = [r for r in rows if r["state"] in ("failed", "stale")
-               or (r["state"] == "unreachable" and self.unreachable[r["name"]] >= UNREACHABLE_POLLS)]
-        if not bad:
-            return None
+        """The board to blame, if any: one whose own error is not about a vanished peer, else a
+        board that stopped answering, else the first with a peer error."""
+        bad = [r for r in rows if r["state"] in ("failed", "stale")]
         root = [r for r in bad if not _PEER_ERROR.search(r["error"] or "")]
-        return (root or bad)[0]
+        silent = [r for r in rows if r["state"] == "unreachable"]
+        lost = [r for r in silent if time.monotonic() - self.last_contact[r["name"]] >= UNREACHABLE_S]
+        if root or lost:
+            return (root or lost)[0]
+        return (silent or bad or [None])[0] if bad else None
 
     def table(self, rows: list[dict]) -> Table:
         t = Table(title=f"job {self.rec.id}", title_justify="left")
@@ -136,8 +149,11 @@ class Follower:
                 continue
             culprit = self.failure(rows)
             if culprit:
-                self._settle(culprit["name"])
-                lines = self._last_lines(culprit["name"])
+                if culprit["state"] == "unreachable":
+                    lines = list(self.tail[culprit["name"]])
+                else:
+                    self._settle(culprit["name"])
+                    lines = self._last_lines(culprit["name"])
                 return Outcome("failed", rows, culprit["name"], culprit["error"], lines)
             time.sleep(self.poll_s)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import time
 
+from dsparse_cli.errors import RemoteError
 from dsparse_cli.inventory import Inventory
 from dsparse_cli.jobs import records
 from dsparse_cli.jobs.boardio import read_state
@@ -13,6 +14,7 @@ from dsparse_cli.remote import BoardResult, connect, fan_out
 from dsparse_cli.remote.base import Transport
 
 GRACE_S = 10.0
+ANSWER_S = 8.0   # a board that does not answer a no-op this fast is not waited for (link down)
 
 
 def _learn_worker_pid(transport: Transport, run: BoardRun) -> None:
@@ -29,6 +31,9 @@ def _learn_worker_pid(transport: Transport, run: BoardRun) -> None:
 
 def stop_board(transport: Transport, run: BoardRun, grace_s: float = GRACE_S) -> list[int]:
     """Signal the board's recorded groups; return the pids still alive afterwards (should be none)."""
+    if transport.run("true", timeout=ANSWER_S).rc != 0:
+        raise RemoteError(f"{run.name} did not answer within {ANSWER_S:g}s, so its processes could not be "
+                          "signalled; its worker gives up by itself after the collective timeout")
     _learn_worker_pid(transport, run)
     groups = run.process_groups()
     for g in groups:

@@ -155,6 +155,14 @@ def _run_step(torch, model, opt, rec: _Recorder, batch_fn) -> None:
     rec.mark(("end",))
 
 
+def _trained_by_someone(units) -> list[int]:
+    """Units some board trains, for `set_train_mode`: all of them. Plans cover every unit in
+    practice, so a unit this process does not update runs BatchNorm on batch statistics, which
+    is what the worker does. (Eval-mode BN saves its input for backward too; train mode adds
+    only the per-channel batch mean and inverse std.)"""
+    return [u.index for u in units]
+
+
 def _run_config(torch, model, units, updated: set[int], optimizer: str, rec: _Recorder, batch_fn):
     """Warm up, then measure: per-region peaks (max over the measured steps) and attribution."""
     from dsparse_cli.runtime.sparse import apply_plan, make_optimizer, set_train_mode
@@ -162,7 +170,7 @@ def _run_config(torch, model, units, updated: set[int], optimizer: str, rec: _Re
     for p in model.parameters():
         p.grad = None
     params = apply_plan(model, units, updated)
-    set_train_mode(model, units, updated)
+    set_train_mode(model, units, updated, _trained_by_someone(units))
     opt = make_optimizer(optimizer, params, lr=1e-3) if params else None
     for _ in range(WARMUP_STEPS):
         _run_step(torch, model, opt, rec, batch_fn)
@@ -260,7 +268,7 @@ def count_saved(model, units, updated: Iterable[int], batch, loss_fn) -> dict:
     from dsparse_cli.runtime.sparse import apply_plan, set_train_mode
 
     apply_plan(model, units, updated)
-    set_train_mode(model, units, updated)
+    set_train_mode(model, units, updated, _trained_by_someone(units))
     rec = _Recorder(model, units)
     rec.mark = lambda label: None   # no RSS here
     rec.reset()

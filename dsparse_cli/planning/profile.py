@@ -11,9 +11,10 @@ between units (flatten, adaptive pool, resnet's relu/maxpool, the loss) belong t
 before them, consistently in forward, backward and saved-tensor attribution.
 
 1. every unit updated  -> mode "updated"      (train mode, everything recorded)
-2. only unit 0 updated -> mode "passthrough"  (units after it frozen, in eval mode, but autograd
+2. only unit 0 updated -> mode "passthrough"  (units after it frozen, BatchNorm on batch statistics
+                                                as when another board trains them; autograd
                                                 must pass gradients through them)
-3. nothing updated     -> mode "frozen"       (eval mode, nothing recorded: the no-grad forward
+3. nothing updated     -> mode "frozen"       (no autograd, nothing recorded: the no-grad forward
                                                 of the units before a plan's first updated unit)
 
 Per unit: parameter, buffer, gradient bytes (from the real `.grad` tensors), optimizer-state

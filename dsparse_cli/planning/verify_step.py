@@ -48,7 +48,7 @@ def run(plan: dict, rank: int, device: str = "cpu", warmup: int = WARMUP_STEPS) 
     model = build_model(plan["model"], plan["num_classes"]).to(device=device, dtype=dtype)
     units = units_from_plan(plan)
     params = apply_plan(model, units, dev["units"])
-    set_train_mode(model, units, dev["units"])
+    set_train_mode(model, units, dev["units"], {u for d in plan["devices"] for u in d["units"]})
     opt = make_optimizer(plan["optimizer"], params, lr=1e-3) if params else None
     gen = torch.Generator().manual_seed(1)
     b, s = plan["batch_size"], plan["image_size"]

@@ -105,7 +105,7 @@ class SSHTransport(Transport):
     # -- commands -------------------------------------------------------------------------
     @_lost
     def run(self, argv_or_cmd: str, *, timeout: float, input: bytes | None = None) -> RunResult:
-        chan = self._open_channel()
+        chan = self._open_channel(min(OP_TIMEOUT, timeout))  # a dead link must not cost more
         try:
             started = time.monotonic()
             chan.exec_command(sh_wrap(argv_or_cmd, timeout))
@@ -158,12 +158,12 @@ class SSHTransport(Transport):
     def _stream_timeout(self, cmd: str, timeout: float) -> RemoteError:
         return RemoteError(f"{self.target.name}: command timed out after {timeout:g}s: {cmd}")
 
-    def _open_channel(self) -> paramiko.Channel:
+    def _open_channel(self, timeout: float = OP_TIMEOUT) -> paramiko.Channel:
         transport = self._client.get_transport()
         if transport is None or not transport.is_active():
             raise RemoteError(f"{self.where}: the SSH connection is closed",
                               hint="reconnect (the board may have rebooted)")
-        return transport.open_session(timeout=OP_TIMEOUT)
+        return transport.open_session(timeout=timeout)
 
     # -- files ----------------------------------------------------------------------------
     def _sftp_client(self) -> paramiko.SFTPClient:

@@ -136,6 +136,8 @@ class Trainer:
         self.workdir = self.job["workdir"] or "."
         self.device_entry = check_plan(plan, rank, world)
         self.updated = [int(u) for u in self.device_entry["units"]]
+        self.trained_elsewhere = sorted({int(u) for d in plan["devices"] if d is not self.device_entry
+                                         for u in d["units"]} - set(self.updated))
         self.hb = heartbeat or Heartbeat(self.workdir, self.job["id"], rank, self.device_entry["name"],
                                          self.job["heartbeat_s"])
         self.stop = stop or StopControl()
@@ -259,7 +261,7 @@ class Trainer:
         return summary
 
     def _train_epoch(self) -> None:
-        set_train_mode(self.model, self.units, self.updated)
+        set_train_mode(self.model, self.units, self.updated, self.trained_elsewhere)
         window: list[float] = []
         batches = datamod.batches_for(self.data, self.rank, self.world, self.epoch, int(self.job["seed"]),
                                       self.batch_size, start=self.step_in_epoch)
@@ -349,7 +351,7 @@ class Trainer:
             self.beat("running")
         counts = torch.tensor([correct, total], dtype=torch.int64, device=self.device)
         dist.all_reduce(counts)
-        set_train_mode(self.model, self.units, self.updated)
+        set_train_mode(self.model, self.units, self.updated, self.trained_elsewhere)
         return float(counts[0]) / max(1, int(counts[1]))
 
     # --- reporting -------------------------------------------------------------------------

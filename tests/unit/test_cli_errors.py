@@ -51,3 +51,14 @@ def test_status_without_job(tmp_path):
     proc = run_cli("status", cwd=tmp_path)
     assert proc.returncode == 2
     assert "no job has been started" in one_line_error(proc)
+
+
+def test_messages_quoting_board_errors_are_not_read_as_markup(capsys):
+    """Board errors quote paths like gloo's "[/__w/.../unbound_buffer.cc:129]": printed as text."""
+    from dsparse_cli.console import error, warning
+
+    gloo = "[/__w/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:129] Timed out"
+    error(f"board b2 failed: {gloo}")
+    warning(f"[bold]{gloo}")
+    err = capsys.readouterr().err
+    assert f"error: board b2 failed: {gloo}" in err and f"warning: [bold]{gloo}" in err

@@ -101,3 +101,37 @@ def test_unreachable_and_job_state():
     assert job_state(rec, [{"state": "finished"}, {"state": "finished"}]) == "finished"
     assert job_state(rec, [{"state": "finished"}, {"state": "failed"}]) == "failed"
     assert job_state(rec, [{"state": "running"}, {"state": "unreachable"}]) == "degraded"
+
+
+def _follower(names):
+    from dsparse_cli.jobs.follow import Follower
+
+    rec = JobRecord("j", "c", None, "abc", "127.0.0.1", 29500,
+                    [BoardRun(n, i, True, f"/r/{n}", 10 + i, 10 + i) for i, n in enumerate(names)])
+    return Follower(None, rec, {"devices": [{"name": n} for n in names]}, {}, live=False)
+
+
+def _row(name, state, error=None):
+    return {"name": name, "state": state, "error": error}
+
+
+def test_blame_prefers_a_root_cause_over_peer_errors_and_the_silent_board_over_its_peers():
+    from dsparse_cli.jobs.follow import UNREACHABLE_S
+
+    f = _follower(["b0", "b1", "b2"])
+    peer = "DistBackendError: Timed out waiting 30000ms for send operation to complete"
+    running = [_row("b0", "running"), _row("b1", "running"), _row("b2", "running")]
+    assert f.failure(running) is None
+    # b2 misses a poll: not yet lost on its own...
+    assert f.failure([_row("b0", "running"), _row("b1", "running"), _row("b2", "unreachable", "timeout")]) is None
+    # ...but once its peers fail on a lost peer, the silent board is the cause.
+    rows = [_row("b0", "failed", peer), _row("b1", "failed", peer), _row("b2", "unreachable", "timeout")]
+    assert f.failure(rows)["name"] == "b2"
+    # A board silent for UNREACHABLE_S is lost even while the others still wait in a collective.
+    f.last_contact["b1"] -= UNREACHABLE_S + 1
+    assert f.failure([_row("b0", "running"), _row("b1", "unreachable", "timeout"), _row("b2", "running")])["name"] == "b1"
+    # A board with an error of its own beats everything else.
+    rows = [_row("b0", "failed", peer), _row("b1", "unreachable", "t"), _row("b2", "failed", "CUDA out of memory")]
+    assert f.failure(rows)["name"] == "b2"
+    # Only peer errors, every board answering: the first of them.
+    assert f.failure([_row("b0", "running"), _row("b1", "failed", peer), _row("b2", "failed", peer)])["name"] == "b1"

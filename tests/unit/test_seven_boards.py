@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 from helpers import REPO, run_cli
+
+sys.path.insert(0, str(REPO / "bench"))
+from _example import measured_base_mib, rebased  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -22,27 +25,12 @@ EXAMPLE = REPO / "examples" / "seven-boards.yaml"
 PLAN_ARGS = ("plan", "--cluster", "seven-boards.yaml", "--model", "mobilenet_v2", "--batch-size", "64", "--json")
 MIN_SAVING = 0.60
 MiB = 1 << 20
-ASSUMED_BASE_MIB = 904.7   # the process base the example's limits were derived for (see its comments)
-HEADROOM = 0.15            # `dsparse plan`'s default: budget = memory_limit x 0.85
 
 
 def example_for_measured_base(work: Path) -> str:
-    """The example with every memory_limit moved by this environment's base drift. The base
-    depends on the torch build and the environment (a fresh clone here measured ~95 MiB more);
-    the example's design is its limits relative to the base, which is what the tests check."""
-    from dsparse_cli.planning.profile import get_profile
-
-    base = get_profile(work / ".dsparse", "mobilenet_v2", batch_size=64, image_size=32).base_bytes / MiB
-    shift = (base - ASSUMED_BASE_MIB) / (1 - HEADROOM)
-    out = []
-    for line in EXAMPLE.read_text().splitlines():
-        key, sep, rest = line.partition("memory_limit:")
-        if sep and not key.lstrip().startswith("#"):
-            value, _, comment = rest.partition("#")
-            mib = float(value.strip().removesuffix("MiB"))
-            line = f"{key}memory_limit: {mib + shift:.1f}MiB" + (f"  #{comment}" if comment else "")
-        out.append(line)
-    return "\n".join(out) + "\n"
+    """The example with its limits moved by this environment's base drift (bench/_example.py)."""
+    text, _ = rebased(EXAMPLE.read_text(), measured_base_mib(work / ".dsparse"))
+    return text
 
 
 @pytest.fixture(scope="module")
