@@ -5,7 +5,7 @@ Exit codes (documented in the README):
   1  the command ran but some board failed (probe, train, status)
   2  usage or configuration error (bad cluster.yaml, bad option, bad plan, budget too small)
   3  a remote or runtime failure that stopped the whole command (job failed to start)
-  130 interrupted by Ctrl-C (everything the command started has been stopped)
+  130 interrupted by Ctrl-C, or a followed job stopped by `dsparse stop` (everything is stopped)
 """
 
 from __future__ import annotations

@@ -140,6 +140,7 @@ class Inventory:
     path: Path | None
     builtin: bool = False
     state_dir: Path = field(default_factory=lambda: Path(".dsparse"))
+    master_explicit: bool = False   # master.addr was written in cluster.yaml (else: the first board's host)
 
     def board(self, name: str) -> Target:
         for b in self.boards:
@@ -163,7 +164,8 @@ def builtin_cluster(state_dir: Path | None = None) -> Inventory:
                f"{_state_dir(state_dir)}/boards/{name}", True, parse_size(limit), None, "auto")
         for name, limit in BUILTIN_BOARDS
     ]
-    return Inventory("demo", boards, "127.0.0.1", DEFAULT_MASTER_PORT, None, True, _state_dir(state_dir))
+    return Inventory("demo", boards, "127.0.0.1", DEFAULT_MASTER_PORT, None, True, _state_dir(state_dir),
+                     master_explicit=True)
 
 
 def _this_python() -> str:
@@ -256,7 +258,8 @@ def load_inventory(path: str | Path | None, *, ssh_config: str | Path | None = N
     boards = [_resolve(b, spec.defaults, lookup, path) for b in spec.boards]
     master_addr = spec.master.addr or boards[0].host
     state_dir = path.resolve().parent / ".dsparse"
-    return Inventory(spec.name, boards, master_addr, spec.master.port, path, False, state_dir)
+    return Inventory(spec.name, boards, master_addr, spec.master.port, path, False, state_dir,
+                     master_explicit=bool(spec.master.addr))
 
 
 def _read_yaml(path: Path) -> dict:

@@ -121,6 +121,10 @@ def _follow(inv: Inventory, rec, plan: dict, transports, json_out: bool) -> int:
         warning("interrupted: stopping every board of the job")
         stop_job(inv, rec, transports=transports, state="stopped")
         return EXIT_INTERRUPTED
+    if outcome.state == "failed" and records.load(inv.state_dir, rec.id).state in ("stopping", "stopped"):
+        # `dsparse stop` from another terminal: the boards' "stopped" reports are not a failure.
+        warning(f"job {rec.id} was stopped by `dsparse stop` (resume with `dsparse train --resume`)")
+        return EXIT_INTERRUPTED
     if outcome.state == "failed":
         stopped = stop_job(inv, rec, transports=transports, state="failed")
         rec.state, rec.failed_board, rec.error = "failed", outcome.failed_board, outcome.error

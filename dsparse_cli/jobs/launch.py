@@ -114,6 +114,24 @@ def probe_ifaces(inv: Inventory, plan: dict) -> dict[str, str]:
     return found
 
 
+def settle_master(inv: Inventory, plan: dict) -> None:
+    """torchrun's static rendezvous runs its store on node rank 0, so the master address must be
+    the rank-0 board's. By default it is the first board's host; when the plan leaves that board
+    out (`--exclude-small`), the default follows rank 0. An explicit master.addr that is another
+    board's host is an error (any other address may be rank 0's on another interface)."""
+    rank0_name = next(d["name"] for d in plan["devices"] if d["rank"] == 0)
+    rank0 = inv.board(rank0_name)
+    if not inv.master_explicit:
+        inv.master_addr = rank0.host
+        return
+    other = next((b.name for b in inv.boards if b.host == inv.master_addr and b.host != rank0.host), None)
+    if other:
+        why = "which the plan leaves out" if other not in {d["name"] for d in plan["devices"]} else "not rank 0"
+        raise ConfigError(f"master.addr {inv.master_addr} is board {other}'s, {why}; "
+                          f"the rendezvous runs on rank 0 ({rank0.name}, {rank0.host})",
+                          f"set master.addr to {rank0.host} or remove it from cluster.yaml")
+
+
 def check_port_free(inv: Inventory) -> None:
     """The rendezvous port on the master must be free, or torchrun fails late and obscurely."""
     if not all(b.local for b in inv.boards):
@@ -290,6 +308,7 @@ def start_job(inv: Inventory, plan: dict, opts: TrainOptions, *, connect_timeout
     cannot be staged; stops what it started when a later start fails."""
     check_options(opts, plan)
     check_probe_facts(inv, plan)
+    settle_master(inv, plan)
     check_port_free(inv)
     rec = resume_of or new_record(inv, plan, records.new_job_id())
     rec.options = asdict(opts)

@@ -88,12 +88,16 @@ def read_digits(path: str) -> tuple[Tensor, Tensor]:
 
 
 def _to_images(x8: Tensor, image_size: int) -> Tensor:
-    """8×8 grey in 0..16 -> normalised 3×S×S (bilinear upscale)."""
+    """8×8 grey in 0..16 -> normalised 1×S×S (bilinear upscale); `_grey_split` makes it 3×S×S
+    per batch, so the board keeps one channel in memory (7 MiB for digits at 32×32, not 22)."""
     x = x8.unsqueeze(1) / 16.0
     if image_size != x.shape[-1]:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    x = (x - x.mean()) / x.std()
-    return x.expand(-1, 3, -1, -1).contiguous()
+    return (x - x.mean()) / x.std()
+
+
+def _grey_split(x: Tensor, y: Tensor) -> Split:
+    return Split(len(y), lambda idx: (x[idx].expand(-1, 3, -1, -1).contiguous(), y[idx]))
 
 
 def _split_indices(n: int, test_fraction: float) -> tuple[Tensor, Tensor]:
@@ -106,7 +110,7 @@ def load_digits(data_dir: str | None, image_size: int = 32, *more_dirs: str | No
     x8, y = read_digits(digits_path(data_dir, *more_dirs))
     x = _to_images(x8, image_size)
     train, test = _split_indices(len(y), DIGITS_TEST_FRACTION)
-    return Dataset("digits", _tensor_split(x[train], y[train]), _tensor_split(x[test], y[test]))
+    return Dataset("digits", _grey_split(x[train], y[train]), _grey_split(x[test], y[test]))
 
 
 # --- synthetic ---------------------------------------------------------------------------

@@ -235,3 +235,28 @@ def test_killed_worker_stops_job_then_resume_finishes(planned, tmp_path):
     assert summary["job"] == job["id"] and summary["state"] == "finished"
     hb = _heartbeat(_job(d), "a")
     assert hb["global_step"] == hb["total_steps"]
+
+
+def test_stop_from_another_terminal_is_not_a_failure(planned, tmp_path):
+    d = fresh_copy(planned, tmp_path)
+    train = subprocess.Popen([sys.executable, "-m", "dsparse_cli", "train", "--dataset", "synthetic", "--epochs", "3"],
+                             cwd=d, env={**os.environ, "COLUMNS": "200"}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            if (d / ".dsparse" / "jobs" / "latest").exists():
+                hb = _heartbeat(_job(d), "b")
+                if hb and (hb.get("global_step") or 0) >= 1:
+                    break
+        proc = run_cli("stop", cwd=d, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        out, err = train.communicate(timeout=120)
+    finally:
+        if train.poll() is None:
+            train.kill()
+    assert train.returncode == 130, err[-3000:]
+    assert "was stopped by `dsparse stop`" in err and "error: board" not in err
+    job = _job(d)
+    assert job["state"] == "stopped" and job.get("failed_board") is None

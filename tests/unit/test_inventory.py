@@ -122,3 +122,24 @@ def test_bad_inventory(tmp_path, text, needle):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_inventory(tmp_path / "nope.yaml")
+
+
+def test_master_follows_rank_0_when_the_plan_leaves_the_first_board_out(tmp_path):
+    from dsparse_cli.errors import ConfigError
+    from dsparse_cli.jobs.launch import settle_master
+
+    boards = "boards:\n  - {name: a, host: 10.1.1.1}\n  - {name: b, host: 10.1.1.2}\n  - {name: c, host: 10.1.1.3}\n"
+    plan = {"devices": [{"name": "b", "rank": 0}, {"name": "c", "rank": 1}]}   # a excluded as too small
+    inv = load_inventory(write(tmp_path, boards))
+    assert inv.master_addr == "10.1.1.1" and not inv.master_explicit
+    settle_master(inv, plan)
+    assert inv.master_addr == "10.1.1.2"
+
+    explicit = load_inventory(write(tmp_path, "master: {addr: 10.1.1.1}\n" + boards))
+    with pytest.raises(ConfigError, match="master.addr 10.1.1.1 is board a's, which the plan leaves out"):
+        settle_master(explicit, plan)
+    with pytest.raises(ConfigError, match="is board c's, not rank 0"):
+        settle_master(load_inventory(write(tmp_path, "master: {addr: 10.1.1.3}\n" + boards)), plan)
+    other_iface = load_inventory(write(tmp_path, "master: {addr: 192.168.7.2}\n" + boards))
+    settle_master(other_iface, plan)    # not a board's host: maybe rank 0's other interface
+    assert other_iface.master_addr == "192.168.7.2"
