@@ -70,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print the results JSON only")
     p.add_argument("--no-rebase", dest="rebase", action="store_false",
                    help="use the example's limits as written (default: move them by the measured base's "
-                        "drift from the 904.7 MiB they were derived for; see bench/_example.py)")
+                        "drift from the 904.7 + 292.2 MiB they were derived for; see bench/_example.py)")
     a = p.parse_args(argv)
     a.runs = [r.strip() for r in a.runs.split(",") if r.strip()]
     if not a.runs or any(r not in ("sparse", "ddp") for r in a.runs):

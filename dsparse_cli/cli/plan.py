@@ -188,6 +188,9 @@ def _show(doc: dict) -> None:
             row.append(f"{format_size(m)} / {format_size(pred_t)} ({100 * (m / pred_t - 1):+.1f}%)" if m and pred_t else "-")
         t.add_row(*row)
     console.print(t)
+    if doc.get("launcher_bytes"):
+        console.print(f"peaks are the worker's; each budget also holds torchrun's agent "
+                      f"({format_size(doc['launcher_bytes'])} of private memory)", highlight=False)
     g = Table(title="aggregation groups (created in this order on every rank)", title_justify="left")
     for col in ("group", "op", "ranks", "root", "units", "bytes/step"):
         g.add_column(col)

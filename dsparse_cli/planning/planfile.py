@@ -53,6 +53,7 @@ def build_plan(*, cluster: str, profile: Profile, result: PlanResult, sync_every
         "base_bytes": profile.base_bytes, "headroom": headroom, "importance": importance,
         "importance_order": list(result.order), "allow_frozen": allow_frozen,
         "frozen_units": list(result.frozen_units), "min_peak_bytes": result.min_peak_bytes,
+        "launcher_bytes": result.launcher_bytes,
         "units": units, "devices": devices, "groups": groups,
         "excluded": [{"name": e.name, "budget_bytes": e.budget_bytes, "needed_bytes": e.needed_bytes,
                       "reason": e.reason} for e in result.excluded],

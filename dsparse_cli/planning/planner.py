@@ -4,8 +4,9 @@ Pure python on a cost model (a measured `Profile`, or a hand-made `CostTable`); 
 
 Rules (see DESIGN.md, "The planner"):
 * Units are ranked by importance (`order`, most important first).
-* Each device gets the longest prefix of the ranking whose predicted whole-process peak fits its
-  budget. A larger budget can only lengthen the prefix, so plans are nested and the distinct
+* Each device gets the longest prefix of the ranking whose predicted whole-process peak, plus
+  the launcher's private memory (`launcher_bytes`: torchrun's agent runs on the board too), fits
+  its budget. A larger budget can only lengthen the prefix, so plans are nested and the distinct
   device-sets form a chain.
 * A device that cannot hold forward + the top-ranked unit's update is an error naming it (or,
   with `exclude_small`, it is left out and reported).
@@ -52,6 +53,7 @@ class CostTable:
     passthrough: list[int] | None = None
     work: int = 0
     names: list[str] | None = None
+    launcher_bytes: int = 0
 
     @property
     def num_units(self) -> int:
@@ -104,6 +106,7 @@ class PlanResult:
     full_update_peak_bytes: int
     full_update_training_bytes: int
     min_peak_bytes: int              # forward + the top-ranked unit's update
+    launcher_bytes: int = 0          # torchrun's agent, next to the worker on every board
     excluded: list[Excluded] = field(default_factory=list)
     frozen_units: list[int] = field(default_factory=list)   # trained by no device (allow_frozen)
 
@@ -128,20 +131,22 @@ def plan_devices(devices: Sequence[Device], cost: CostModel, order: Sequence[int
     if not devices:
         raise ConfigError("no boards to plan for", "add boards to cluster.yaml")
     peaks = [0] + [cost.peak_bytes(order[:k]) for k in range(1, n + 1)]
+    launcher = int(getattr(cost, "launcher_bytes", 0))
+    needs_of = [0] + [p + launcher for p in peaks[1:]]   # what the board holds: worker + agent
     top = cost.unit_names[order[0]]
     planned, excluded = [], []
     for dev in devices:
-        k = max((k for k in range(1, n + 1) if peaks[k] <= dev.budget_bytes), default=0)
+        k = max((k for k in range(1, n + 1) if needs_of[k] <= dev.budget_bytes), default=0)
         if k == 0:
             needs = (f"board {dev.name}: budget {format_size(dev.budget_bytes)}, needs at least "
-                     f"{format_size(peaks[1])} to train the {top}")
+                     f"{format_size(needs_of[1])} to train the {top}")
             if not exclude_small:
                 raise ConfigError(needs, SMALL_HINT)
-            excluded.append(Excluded(dev.name, dev.budget_bytes, peaks[1], needs.split(": ", 1)[1]))
+            excluded.append(Excluded(dev.name, dev.budget_bytes, needs_of[1], needs.split(": ", 1)[1]))
             continue
         planned.append((dev, k))
     if not planned:
-        raise ConfigError(f"no board can train even the {top}: it needs {format_size(peaks[1])} per board",
+        raise ConfigError(f"no board can train even the {top}: it needs {format_size(needs_of[1])} per board",
                           "raise memory_limit or lower --batch-size")
     largest_dev, largest_k = max(planned, key=lambda p: (p[1], p[0].budget_bytes))  # first in order on ties
     frozen = sorted(order[largest_k:])
@@ -149,10 +154,11 @@ def plan_devices(devices: Sequence[Device], cost: CostModel, order: Sequence[int
         raise ConfigError(
             f"no board can train every unit: the largest, {largest_dev.name} (budget "
             f"{format_size(largest_dev.budget_bytes)}), fits {largest_k} of {n} units; a full update "
-            f"needs {format_size(peaks[n])}",
+            f"needs {format_size(needs_of[n])}",
             "raise its memory_limit, lower --batch-size, or pass --allow-frozen")
     plans = [DevicePlan(dev.name, rank, dev.budget_bytes, sorted(order[:k]), peaks[k],
                         cost.training_bytes(order[:k])) for rank, (dev, k) in enumerate(planned)]
     return PlanResult(devices=plans, order=order, full_update_peak_bytes=peaks[n],
                       full_update_training_bytes=cost.training_bytes(range(n)), min_peak_bytes=peaks[1],
+                      launcher_bytes=launcher,
                       excluded=excluded, frozen_units=frozen)

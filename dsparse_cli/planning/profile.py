@@ -78,7 +78,7 @@ from typing import Iterable
 
 from dsparse_cli.errors import ConfigError
 
-PROFILE_FORMAT = 1
+PROFILE_FORMAT = 2   # 2: launcher_bytes
 # glibc: serve every block >= 64 KiB by mmap and give freed memory back, so RSS follows live tensors.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4096", "MALLOC_TRIM_THRESHOLD_": "131072"}
 DTYPES = ("float32", "float64", "bfloat16")
@@ -119,6 +119,7 @@ class Profile:
     step_peak_bytes: int                 # optimizer-step transient, every unit updated
     units: list[UnitCost]
     checks: dict = field(default_factory=dict)   # measured vs replayed, per profiled configuration
+    launcher_bytes: int = 0              # private memory of torchrun's agent (it runs next to the worker)
     format: int = PROFILE_FORMAT
 
     # --- the cost-model interface the planner uses -------------------------------------------

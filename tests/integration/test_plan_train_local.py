@@ -19,12 +19,13 @@ from helpers import one_line_error, run_cli
 
 pytestmark = pytest.mark.slow
 
-# Local boards sized for tiny_cnn at batch 16 on top of the ~0.9 GiB base of the CUDA torch build.
+# Local boards sized for tiny_cnn at batch 16: each holds a worker (a 0.7-1.0 GiB base with the
+# CUDA torch build, depending on the environment) and torchrun's agent (~0.3 GiB).
 CLUSTER = """name: local2
 master: {{addr: 127.0.0.1, port: {port}}}
 boards:
-  - {{name: a, local: true, memory_limit: 1600MiB}}
-  - {{name: b, local: true, memory_limit: 1500MiB}}
+  - {{name: a, local: true, memory_limit: 1900MiB}}
+  - {{name: b, local: true, memory_limit: 1800MiB}}
 """
 PLAN = ("plan", "--model", "tiny_cnn", "--batch-size", "16")
 
@@ -96,7 +97,7 @@ def test_plan_bad_options(planned, tmp_path, args, needle):
 
 def test_plan_budget_too_small_names_board(planned, tmp_path):
     d = fresh_copy(planned, tmp_path)
-    (d / "cluster.yaml").write_text(CLUSTER.format(port=free_port()).replace("1500MiB", "400MiB"))
+    (d / "cluster.yaml").write_text(CLUSTER.format(port=free_port()).replace("1800MiB", "400MiB"))
     proc = run_cli(*PLAN, cwd=d)
     assert proc.returncode == 2
     line = one_line_error(proc)
@@ -123,7 +124,7 @@ def test_stale_and_mismatched_plans_refused(planned, tmp_path):
     assert proc.returncode == 2 and "version 0" in one_line_error(proc)
     plan_file.write_text(json.dumps(doc))
     with open(d / "cluster.yaml", "a") as f:
-        f.write("  - {name: c, local: true, memory_limit: 1500MiB}\n")
+        f.write("  - {name: c, local: true, memory_limit: 1800MiB}\n")
     proc = run_cli("train", "--max-steps", "1", cwd=d)
     assert proc.returncode == 2 and "re-run dsparse plan" in one_line_error(proc)
 

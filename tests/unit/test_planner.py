@@ -3,6 +3,8 @@ ties; and the measured importance order."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from dsparse_cli.errors import ConfigError
@@ -44,6 +46,20 @@ def test_each_device_gets_the_longest_fitting_prefix_and_plans_nest():
     assert all(d.predicted_peak_bytes <= d.budget_bytes for d in res.devices)
     assert res.full_update_peak_bytes == 202 * MiB and res.min_peak_bytes == 112 * MiB
     assert res.frozen_units == [] and res.excluded == []
+
+
+def test_the_launcher_is_counted_in_every_budget():
+    """torchrun's agent shares the board: a device fits when worker peak + launcher <= budget."""
+    t = dataclasses.replace(table(), launcher_bytes=30 * MiB)
+    devices = [Device("big", 240 * MiB), Device("mid", 160 * MiB), Device("small", 145 * MiB)]
+    res = plan_devices(devices, t)
+    got = {d.name: d.units for d in res.devices}
+    assert got["big"] == [0, 1, 2, 3, 4] and got["mid"] == [3, 4]   # 125 + 30 <= 160 < 139 + 30
+    assert got["small"] == [4]                                      # 112 + 30 <= 145 < 125 + 30
+    assert [d.predicted_peak_bytes // MiB for d in res.devices] == [202, 125, 112]   # the worker's own
+    assert res.launcher_bytes == 30 * MiB
+    with pytest.raises(ConfigError, match="needs at least 142.0 MiB"):
+        plan_devices([Device("big", 240 * MiB), Device("pi", 140 * MiB)], t)
 
 
 def test_too_small_device_names_itself_its_budget_and_need():
