@@ -1,10 +1,11 @@
-"""Shared test helpers: run the real `dsparse` entry point in a subprocess."""
+"""Shared test helpers: run the real `dsparse` entry point in a subprocess, wait for a condition."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,3 +27,14 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
     assert len(lines) == 1, f"expected one error line, got: {err!r}"
     assert lines[0].startswith("error:"), lines[0]
     return lines[0]
+
+
+def wait_for(predicate, limit: float, step: float = 0.3):
+    """Poll `predicate` until it returns something truthy or `limit` seconds pass; its last value."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    return predicate()

@@ -24,7 +24,9 @@ class BoardSpec:
 
 
 # paper7: a mixed Jetson / Raspberry Pi / x86 lab scaled to a 24 GiB, 2-core machine.
-# budget = 448 MiB (the Python + torch process base every board pays) + 96 MiB per real GiB;
+# budget = 1600 MiB (what every board pays before training: the worker's process base, 0.7-1.0
+# GiB with the CUDA build of torch, torchrun's agent, ~0.3 GiB, and the plan's 15 % headroom)
+# + 32 MiB per real GiB;
 # link rates are a quarter of the real link (GbE -> 250mbit, Wi-Fi 5 ~200 Mbit/s -> 50mbit,
 # weak Wi-Fi ~100 Mbit/s -> 25mbit); delays are the real one-way latencies, unscaled.
 PAPER7 = [
@@ -36,7 +38,7 @@ PAPER7 = [
     ("Raspberry Pi 4 4GB, Wi-Fi 5", 4, "50mbit", 2.0),
     ("Raspberry Pi 4 2GB, Wi-Fi 5 (far)", 2, "25mbit", 3.0),
 ]
-BASE_MIB, MIB_PER_GIB = 448, 96
+BASE_MIB, MIB_PER_GIB = 1600, 32
 
 
 def paper7_memory(real_gib: int) -> int:

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from edge_testbed import Testbed, skip_reason
-from helpers import one_line_error, run_cli
+from helpers import one_line_error, run_cli, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -38,6 +38,8 @@ ROOM_MIB = 100
 ACCURACY_FLOOR = 0.30                # 2 epochs of tiny_cnn on digits reach ~0.44 here; chance is 0.10
 CHECKPOINT_EVERY = 5
 COLLECTIVE_TIMEOUT = 20
+FAULT_RUN_STEPS = 16
+FAULT_RUN = ("--epochs", "2", "--max-steps", str(FAULT_RUN_STEPS), "--checkpoint-every", str(CHECKPOINT_EVERY))
 TRAIN = ("train", "--dataset", "digits", "--batch-size", "16", "--lr", "0.1",
          "--collective-timeout", str(COLLECTIVE_TIMEOUT))
 
@@ -114,16 +116,6 @@ def _kill_recorded_leftovers(d: Path) -> None:
                 pass
 
 
-def _wait(predicate, limit: float, step: float = 0.5):
-    end = time.monotonic() + limit
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return predicate()
-
-
 def _oom_kills(cgroup: str) -> int:
     """OOM kills in a board's memory cgroup (v1 memory.oom_control, v2 memory.events)."""
     for name, key in (("memory.oom_control", "oom_kill"), ("memory.events", "oom_kill")):
@@ -159,7 +151,7 @@ def _train_until(tb: Testbed, min_step: int, *args: str) -> tuple[subprocess.Pop
             return None
         steps = [_heartbeat(b).get("global_step") or 0 for b in job["boards"]]
         return job if min(steps) >= min_step else None
-    job = _wait(ready, 240)
+    job = wait_for(ready, 240)
     if not isinstance(job, dict):
         proc.kill()
         raise AssertionError(f"the job never got every board to step {min_step}: {proc.communicate()[1][-3000:]}")
@@ -238,9 +230,7 @@ def test_probe_plan_train_status_without_oom(cluster):
 
 def test_link_down_is_named_then_resume_finishes(cluster):
     tb = cluster
-    total = 30
-    proc, job, step = _train_until(tb, 7, "--epochs", "2", "--max-steps", str(total),
-                                   "--checkpoint-every", str(CHECKPOINT_EVERY))
+    proc, job, step = _train_until(tb, 7, *FAULT_RUN)
     try:
         assert tb.cli("link", "down", "b2").returncode == 0
         cut = time.monotonic()
@@ -248,20 +238,18 @@ def test_link_down_is_named_then_resume_finishes(cluster):
         # The launcher cannot signal b2 through a dead link; b2's worker gives up on its own at the
         # collective timeout, and its torchrun follows. Everything else was stopped already.
         pids = _pids(_latest_job(tb.dir))
-        left = _wait(lambda: not [p for p in pids if _alive(p)], COLLECTIVE_TIMEOUT + 40)
+        left = wait_for(lambda: not [p for p in pids if _alive(p)], COLLECTIVE_TIMEOUT + 40)
         assert left, f"still running: {[p for p in pids if _alive(p)]}"
     finally:
         if proc.poll() is None:
             proc.kill()
         tb.cli("link", "up", "b2")
-    _assert_resume_finishes(tb, job["id"], step, total)
+    _assert_resume_finishes(tb, job["id"], step, FAULT_RUN_STEPS)
 
 
 def test_killed_worker_is_named_then_resume_finishes(cluster):
     tb = cluster
-    total = 30
-    proc, job, step = _train_until(tb, 7, "--epochs", "2", "--max-steps", str(total),
-                                   "--checkpoint-every", str(CHECKPOINT_EVERY))
+    proc, job, step = _train_until(tb, 7, *FAULT_RUN)
     try:
         os.kill(_heartbeat(next(b for b in job["boards"] if b["name"] == "b1"))["pid"], signal.SIGKILL)
         cut = time.monotonic()
@@ -271,7 +259,7 @@ def test_killed_worker_is_named_then_resume_finishes(cluster):
     finally:
         if proc.poll() is None:
             proc.kill()
-    _assert_resume_finishes(tb, job["id"], step, total)
+    _assert_resume_finishes(tb, job["id"], step, FAULT_RUN_STEPS)
 
 
 def test_full_update_that_does_not_fit_is_refused(spare_testbed):

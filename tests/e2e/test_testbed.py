@@ -70,8 +70,11 @@ def test_missing_tool_names_the_package(monkeypatch, capsys, tmp_path, missing, 
 def test_paper7_fits_a_24gib_machine_and_keeps_every_board_trainable():
     boards = profiles.boards_for("paper7", None, "1GiB", "1mbit", "1ms", 0.0)
     assert len(boards) == 7
-    assert sum(b.memory for b in boards) <= 12 << 30          # at most half of 24 GiB
-    assert min(b.memory for b in boards) >= 600 * MiB          # above a ~450 MB torch process base
+    # Limits are caps, not reservations (a board's cgroup peaked at ~0.7 GiB training tiny_cnn):
+    # their sum may exceed half of 24 GiB a little, not the machine.
+    assert sum(b.memory for b in boards) <= 14 << 30
+    # Every board holds a worker (base <= 1000 MiB) + torchrun's agent (~300 MiB) within 85 %.
+    assert min(b.memory for b in boards) * 0.85 >= 1300 * MiB
     assert len({b.memory for b in boards}) >= 4 and len({b.rate_bps for b in boards}) >= 3
     assert all(b.emulates for b in boards)
     with pytest.raises(Exception, match="paper7 has 7 boards"):

@@ -19,14 +19,13 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
-from helpers import one_line_error, run_cli
+from helpers import one_line_error, run_cli, wait_for
 from sshd import SSHDUnavailable, SSHServer, free_port, start_sshd
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
@@ -134,16 +133,6 @@ def _session_members(sids: set[int]) -> list[int]:
     return found
 
 
-def _wait(predicate, limit: float, step: float = 0.3):
-    end = time.monotonic() + limit
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return predicate()
-
-
 def _latest(c: Cluster) -> dict | None:
     jobs = c.dir / ".dsparse" / "jobs"
     try:
@@ -186,7 +175,7 @@ def _running_job(c: Cluster, previous_id: str | None, min_step: int, limit: floa
         if all(hb and hb.get("state") == "running" and (hb.get("global_step") or 0) >= min_step for hb in hbs):
             return job
         return None
-    job = _wait(ready, limit)
+    job = wait_for(ready, limit)
     assert job, f"the job never got every board to step {min_step}"
     return job
 
@@ -284,7 +273,7 @@ def test_detach_watch_stop_leaves_nothing(cluster):
     follow = _popen(c, "logs", "b1", "-f", "-n", "20")
     followed = _collect_output(follow)  # `tail -F` over SSH: the log so far, then it waits
     try:
-        assert _wait(lambda: "[b1 rank 1]" in "".join(followed), 30), "".join(followed)
+        assert wait_for(lambda: "[b1 rank 1]" in "".join(followed), 30), "".join(followed)
         assert follow.poll() is None  # still following
     finally:
         follow.send_signal(signal.SIGINT)
@@ -294,7 +283,7 @@ def test_detach_watch_stop_leaves_nothing(cluster):
     watch = _popen(c, "status", "--watch", "--interval", "1", env={"TTY_COMPATIBLE": "1"})
     seen = _collect_output(watch)
     try:
-        assert _wait(lambda: f"job {job['id']}: running (3 running)" in "".join(seen), 60), "".join(seen)[-2000:]
+        assert wait_for(lambda: f"job {job['id']}: running (3 running)" in "".join(seen), 60), "".join(seen)[-2000:]
         proc = run_cli("stop", "--grace", "10", cwd=c.dir, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert f"job {job['id']} stopped on 3 boards" in proc.stdout
@@ -303,7 +292,7 @@ def test_detach_watch_stop_leaves_nothing(cluster):
         if watch.poll() is None:
             watch.kill()
     assert watch.returncode == 0, watch.stderr.read()
-    assert _wait(lambda: f"job {job['id']}: stopped (3 stopped)" in "".join(seen), 10), "".join(seen)[-2000:]
+    assert wait_for(lambda: f"job {job['id']}: stopped (3 stopped)" in "".join(seen), 10), "".join(seen)[-2000:]
     _assert_nothing_left(_latest(c))
     proc = run_cli("status", "--json", cwd=c.dir)
     assert proc.returncode == 0, proc.stderr
