@@ -108,7 +108,9 @@ class Follower:
         lost = [r for r in silent if time.monotonic() - self.last_contact[r["name"]] >= UNREACHABLE_S]
         if root or lost:
             return (root or lost)[0]
-        return (silent or bad or [None])[0] if bad else None
+        if bad:   # only peer errors: a board that stopped answering is the lost peer
+            return (silent or bad)[0]
+        return None
 
     def table(self, rows: list[dict]) -> Table:
         t = Table(title=f"job {self.rec.id}", title_justify="left")
