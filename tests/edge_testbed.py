@@ -8,8 +8,11 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 EDGE_TESTBED = REPO / "scripts" / "edge-testbed"
@@ -58,3 +61,23 @@ def ssh_argv(directory: Path, addr: str) -> list[str]:
     return ["ssh", "-o", f"UserKnownHostsFile={directory}/known_hosts", "-o", "GlobalKnownHostsFile=/dev/null",
             "-o", "StrictHostKeyChecking=yes", "-i", f"{directory}/id_ed25519", "-o", "IdentitiesOnly=yes",
             "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR", f"root@{addr}"]
+
+
+def require_testbed() -> None:
+    """Skip the calling test (with the reason) where the testbed cannot run."""
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+@contextmanager
+def running_testbed(directory: Path, *up_args: str):
+    """A testbed made by `up UP_ARGS` in `directory`; `down` always runs afterwards. Both must succeed."""
+    tb = Testbed(directory)
+    up = tb.cli("up", *up_args)
+    try:
+        assert up.returncode == 0, f"edge-testbed up failed:\n{up.stdout}\n{up.stderr}"
+        yield tb
+    finally:
+        down = tb.cli("down")
+        assert down.returncode == 0, f"edge-testbed down failed:\n{down.stdout}\n{down.stderr}"

@@ -136,8 +136,7 @@ class Trainer:
         self.workdir = self.job["workdir"] or "."
         self.device_entry = check_plan(plan, rank, world)
         self.updated = [int(u) for u in self.device_entry["units"]]
-        self.trained_elsewhere = sorted({int(u) for d in plan["devices"] if d is not self.device_entry
-                                         for u in d["units"]} - set(self.updated))
+        self.trained_elsewhere = sorted({int(u) for d in plan["devices"] for u in d["units"]} - set(self.updated))
         self.hb = heartbeat or Heartbeat(self.workdir, self.job["id"], rank, self.device_entry["name"],
                                          self.job["heartbeat_s"])
         self.stop = stop or StopControl()

@@ -13,32 +13,22 @@ from __future__ import annotations
 
 import pytest
 
-from edge_testbed import Testbed, skip_reason
+from edge_testbed import Testbed, require_testbed, running_testbed
 
 UP_ARGS = ["--boards", "2", "--memory", "600MiB", "--rate", "50mbit", "--delay", "20ms"]
 
 
 @pytest.fixture(scope="module")
 def testbed(tmp_path_factory):
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
-    tb = Testbed(tmp_path_factory.mktemp("testbed"))
-    up = tb.cli("up", *UP_ARGS)
-    try:
-        assert up.returncode == 0, f"edge-testbed up failed:\n{up.stdout}\n{up.stderr}"
+    require_testbed()
+    with running_testbed(tmp_path_factory.mktemp("testbed"), *UP_ARGS) as tb:
         yield tb
-    finally:
-        down = tb.cli("down")
-        assert down.returncode == 0, f"edge-testbed down failed:\n{down.stdout}\n{down.stderr}"
 
 
 @pytest.fixture
 def spare_testbed(tmp_path_factory):
     """A second testbed dir for tests that run up/down themselves; always torn down."""
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
+    require_testbed()
     tb = Testbed(tmp_path_factory.mktemp("spare-testbed"))
     try:
         yield tb

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_testbed import Testbed, skip_reason
+from edge_testbed import Testbed, require_testbed, running_testbed
 from helpers import one_line_error, run_cli, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -55,26 +55,21 @@ def predicted_needs(state_dir: Path, batch_size: int) -> tuple[int, int]:
     return prof.peak_bytes([n - 1]) + prof.launcher_bytes, prof.peak_bytes(range(n)) + prof.launcher_bytes
 
 
-def up(tb: Testbed, boards: int, memory_mib: int) -> None:
-    res = tb.cli("up", "--boards", str(boards), "--memory", f"{memory_mib}MiB", "--rate", "100mbit", "--delay", "2ms")
-    assert res.returncode == 0, f"edge-testbed up failed:\n{res.stdout}\n{res.stderr}"
+def up_args(boards: int, memory_mib: int) -> list[str]:
+    return ["--boards", str(boards), "--memory", f"{memory_mib}MiB", "--rate", "100mbit", "--delay", "2ms"]
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
-    tb = Testbed(tmp_path_factory.mktemp("cluster4"))
-    _, full = predicted_needs(tb.dir / ".dsparse", 16)
+    require_testbed()
+    d = tmp_path_factory.mktemp("cluster4")
+    _, full = predicted_needs(d / ".dsparse", 16)
     limit_mib = int(full / MiB / (1 - HEADROOM) + ROOM_MIB)
-    try:
-        up(tb, len(BOARDS), limit_mib)
-        yield tb
-    finally:
-        _kill_recorded_leftovers(tb.dir)
-        down = tb.cli("down")
-        assert down.returncode == 0, f"edge-testbed down failed:\n{down.stdout}\n{down.stderr}"
+    with running_testbed(d, *up_args(len(BOARDS), limit_mib)) as tb:
+        try:
+            yield tb
+        finally:
+            _kill_recorded_leftovers(tb.dir)
 
 
 # -- helpers ----------------------------------------------------------------------------------------
@@ -269,7 +264,8 @@ def test_full_update_that_does_not_fit_is_refused(spare_testbed):
     state = tb.dir / ".dsparse"
     smallest, full = predicted_needs(state, 1024)      # batch 1024: a ~80 MiB gap between the two
     budget = (smallest + full) / 2
-    up(tb, 1, int(budget / (1 - HEADROOM) / MiB) + 16)  # (+ what sshd and the probe's shell use)
+    res = tb.cli("up", *up_args(1, int(budget / (1 - HEADROOM) / MiB) + 16))  # (+ sshd and the probe's shell)
+    assert res.returncode == 0, f"edge-testbed up failed:\n{res.stdout}\n{res.stderr}"
     old_plan = b'{"kept": true}'
     (state / "plan.json").write_bytes(old_plan)
 
