@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from rich.console import Console
 from rich.markup import escape
 
@@ -26,3 +28,8 @@ def info(message: str) -> None:
 
 def success(message: str) -> None:
     console.print(f"[green]{escape(message)}[/]", highlight=False, soft_wrap=True)
+
+
+def spinner(message: str, quiet: bool = False):
+    """A spinner while a slow step runs; none when quiet (--json keeps stdout for the document)."""
+    return contextlib.nullcontext() if quiet else console.status(message, spinner="dots")

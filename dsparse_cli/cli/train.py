@@ -2,59 +2,58 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
-from dsparse_cli.cli import ClusterOpt, JsonOpt, VerboseOpt, app, done
-from dsparse_cli.cli.common import inventory, print_json, unit_ranges
+from dsparse_cli import render
+from dsparse_cli.cli.app import AcceptNewOpt, JsonOpt, app, done, inventory, options, print_json
 from dsparse_cli.console import console, err_console, error, info, success, warning
+from dsparse_cli.contract import COMPRESSOR_OPTIONS, JobSpec, JobState
 from dsparse_cli.errors import EXIT_BOARD_FAILED, EXIT_INTERRUPTED, EXIT_OK, ConfigError
-from dsparse_cli.inventory import Inventory, format_size
+from dsparse_cli.inventory import Inventory
+
+SPEC, TOPK, PBGC = JobSpec(), COMPRESSOR_OPTIONS["topk"], COMPRESSOR_OPTIONS["pbgc"]   # the defaults
 
 
 @app.command()
 def train(
     ctx: typer.Context,
-    cluster: Optional[Path] = ClusterOpt,
-    dataset: str = typer.Option("digits", help="digits (bundled, no network), cifar10, or synthetic."),
+    dataset: str = typer.Option(SPEC.dataset, help="digits (bundled, no network), cifar10, or synthetic."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Dataset folder (cifar10)."),
     download: bool = typer.Option(False, "--download", help="Download cifar10 into --data-dir if missing."),
-    epochs: int = typer.Option(1, help="Epochs to train."),
+    epochs: int = typer.Option(SPEC.epochs, help="Epochs to train."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps in total."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Per-board batch (default: the plan's)."),
-    lr: float = typer.Option(0.05, help="Learning rate (cosine-decayed over the run)."),
+    lr: float = typer.Option(SPEC.lr, help="Learning rate (cosine-decayed over the run)."),
     optimizer: Optional[str] = typer.Option(None, help="sgd, sgd-momentum or adam (default: the plan's)."),
-    seed: int = typer.Option(0, help="Seed for model init and data order."),
+    seed: int = typer.Option(SPEC.seed, help="Seed for model init and data order."),
     sync_every: Optional[int] = typer.Option(None, "--sync-every", help="Broadcast interval (default: the plan's)."),
-    compression: str = typer.Option("none", help="Gradient compression: none, fp16, topk or pbgc."),
-    density: float = typer.Option(0.01, help="topk: fraction of gradient values sent."),
-    key_fraction: float = typer.Option(0.001, "--key-fraction", help="pbgc: fraction sent at full precision."),
-    entropy_bins: int = typer.Option(32, "--entropy-bins", help="pbgc: histogram bins for the entropy threshold."),
-    warmup_steps: int = typer.Option(20, "--warmup-steps", help="topk/pbgc: steps before full compression."),
+    compression: str = typer.Option(SPEC.compression["name"], help="Gradient compression: none, fp16, topk or pbgc."),
+    density: float = typer.Option(TOPK["density"], help="topk: fraction of gradient values sent."),
+    key_fraction: float = typer.Option(PBGC["key_fraction"], "--key-fraction", help="pbgc: fraction sent at full precision."),
+    entropy_bins: int = typer.Option(PBGC["entropy_bins"], "--entropy-bins", help="pbgc: histogram bins for the entropy threshold."),
+    warmup_steps: int = typer.Option(PBGC["warmup_steps"], "--warmup-steps", help="topk/pbgc: steps before full compression."),
     resume: bool = typer.Option(False, "--resume", help="Continue the latest job from its checkpoints."),
     detach: bool = typer.Option(False, "--detach", help="Start the job and return at once."),
     master_port: Optional[int] = typer.Option(None, "--master-port", help="Rendezvous port (default: inventory's)."),
-    collective_timeout: float = typer.Option(120.0, "--collective-timeout", help="Seconds before a collective gives up."),
+    collective_timeout: float = typer.Option(SPEC.collective_timeout_s, "--collective-timeout", help="Seconds before a collective gives up."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Also checkpoint every N steps."),
-    connect_timeout: float = typer.Option(10.0, "--connect-timeout"),
-    accept_new_host_keys: bool = typer.Option(False, "--accept-new-host-keys"),
+    accept_new_host_keys: bool = AcceptNewOpt,
     json_out: bool = JsonOpt,
-    verbose: bool = VerboseOpt,
 ) -> None:
     """Train on every board under the plan (made on the fly if there is none). Exit 0 only when every
     board finished; 1 when a board failed (the others are stopped); 130 on Ctrl-C."""
+    from dsparse_cli.contract import plan_hash
     from dsparse_cli.jobs import records
-    from dsparse_cli.jobs.launch import TrainOptions, start_job, plan_hash
+    from dsparse_cli.jobs.launch import start_job
 
-    inv = inventory(cluster, quiet=json_out)
+    inv = inventory(quiet=json_out)
     if master_port:
         inv.master_port = master_port
     plan = _current_plan(inv, quiet=json_out)
-    opts = TrainOptions(
+    opts = JobSpec(
         dataset=dataset, data_dir=data_dir, download=download, epochs=epochs, max_steps=max_steps,
         batch_size=batch_size or plan["batch_size"], lr=lr, optimizer=optimizer or plan["optimizer"],
         seed=seed, sync_every=sync_every or plan.get("sync_every", 1),
@@ -72,7 +71,7 @@ def train(
     if opts.optimizer != plan["optimizer"]:
         raise ConfigError(f"the plan was made for optimizer {plan['optimizer']}, not {opts.optimizer}",
                           f"re-run `dsparse plan --optimizer {opts.optimizer}`")
-    rec, transports = start_job(inv, plan, opts, connect_timeout=connect_timeout,
+    rec, transports = start_job(inv, plan, opts, connect_timeout=options.connect_timeout,
                                 accept_new_host_keys=accept_new_host_keys, resume_of=previous)
     if detach:
         if json_out:
@@ -85,7 +84,7 @@ def train(
     done(_follow(inv, rec, plan, transports, json_out))
 
 
-# CLI parameter -> the TrainOptions fields it sets (for --resume: what the user changed).
+# CLI parameter -> the JobSpec fields it sets (for --resume: what the user changed).
 _OPTION_FIELDS = {"collective_timeout": ("collective_timeout_s",), "checkpoint_every": ("checkpoint_every_steps",),
                   "density": ("compression",), "key_fraction": ("compression",), "entropy_bins": ("compression",),
                   "warmup_steps": ("compression",)}
@@ -112,6 +111,7 @@ def _resumed_options(opts, previous: dict | None, ctx: typer.Context):
 def _follow(inv: Inventory, rec, plan: dict, transports, json_out: bool) -> int:
     from dsparse_cli.jobs import records
     from dsparse_cli.jobs.follow import Follower
+    from dsparse_cli.jobs.status import stopped_on_request
     from dsparse_cli.jobs.stop import stop_job
 
     follower = Follower(inv, rec, plan, transports, show_logs=not json_out, live=not json_out)
@@ -119,15 +119,15 @@ def _follow(inv: Inventory, rec, plan: dict, transports, json_out: bool) -> int:
         outcome = follower.run()
     except KeyboardInterrupt:
         warning("interrupted: stopping every board of the job")
-        stop_job(inv, rec, transports=transports, state="stopped")
+        stop_job(inv, rec, transports=transports, state=JobState.STOPPED)
         return EXIT_INTERRUPTED
-    if outcome.state == "failed" and records.load(inv.state_dir, rec.id).state in ("stopping", "stopped"):
-        # `dsparse stop` from another terminal: the boards' "stopped" reports are not a failure.
+    if outcome.state == JobState.FAILED and stopped_on_request(inv.state_dir, rec):  # `dsparse stop` from elsewhere
         warning(f"job {rec.id} was stopped by `dsparse stop` (resume with `dsparse train --resume`)")
         return EXIT_INTERRUPTED
-    if outcome.state == "failed":
-        stopped = stop_job(inv, rec, transports=transports, state="failed")
-        rec.state, rec.failed_board, rec.error = "failed", outcome.failed_board, outcome.error
+    if outcome.state == JobState.FAILED:
+        stopped = stop_job(inv, rec, transports=transports, state=JobState.FAILED)
+        rec.advance(JobState.FAILED)
+        rec.failed_board, rec.error = outcome.failed_board, outcome.error
         records.save(inv.state_dir, rec)
         if json_out:
             print_json(_summary_doc(rec, plan, outcome.rows))
@@ -140,15 +140,20 @@ def _follow(inv: Inventory, rec, plan: dict, transports, json_out: bool) -> int:
                 warning(f"could not stop board {res.name}: {res.error}")
         return EXIT_BOARD_FAILED
     if outcome.lingering:  # every board finished but a process did not exit: end it
-        stop_job(inv, rec, transports=transports, state="finished")
-    rec.state = "finished"
+        stop_job(inv, rec, transports=transports, state=JobState.FINISHED)
+    rec.advance(JobState.FINISHED)
     rec.summary = _summary_doc(rec, plan, outcome.rows)
     records.save(inv.state_dir, rec)
     if json_out:
         print_json(rec.summary)
     else:
-        console.print(_summary_table(rec.summary))
+        console.print(render.train_summary(rec.summary))
     return EXIT_OK
+
+
+# What the summary repeats from the plan next to each board's measurements.
+_PLAN_KEYS = ("budget_bytes", "predicted_training_bytes", "full_update_training_bytes", "predicted_peak_bytes",
+              "full_update_peak_bytes")
 
 
 def _summary_doc(rec, plan: dict, rows: list[dict]) -> dict:
@@ -156,36 +161,12 @@ def _summary_doc(rec, plan: dict, rows: list[dict]) -> dict:
     boards = []
     for r in rows:
         d = devices[r["name"]]
-        boards.append({
-            **r,
-            "units": d["units"],
-            "budget_bytes": d.get("budget_bytes"),
-            "predicted_training_bytes": d.get("predicted_training_bytes"),
-            "full_update_training_bytes": d.get("full_update_training_bytes"),
-            "predicted_peak_bytes": d.get("predicted_peak_bytes"),
-            "full_update_peak_bytes": d.get("full_update_peak_bytes"),
-        })
+        boards.append({**r, "units": d["units"], **{k: d.get(k) for k in _PLAN_KEYS}})
     accuracy = next((b["accuracy"] for b in boards if b["rank"] == 0), None)
     agg = [b["agg_ms_per_step"] for b in boards if b.get("agg_ms_per_step") is not None]
-    return {"job": rec.id, "state": rec.state if rec.state != "running" else "finished",
+    return {"job": rec.id, "state": rec.state,
             "failed_board": rec.failed_board, "accuracy": accuracy,
             "agg_ms_per_step": max(agg) if agg else None, "boards": boards}
-
-
-def _summary_table(summary: dict) -> Table:
-    t = Table(title=f"job {summary['job']}: {summary['state']}, accuracy "
-                    f"{summary['accuracy'] if summary['accuracy'] is not None else '-'}", title_justify="left")
-    for col in ("board", "units", "peak training mem", "predicted", "full update", "saving", "agg ms/step",
-                "bytes/step"):
-        t.add_column(col)
-    for b in summary["boards"]:
-        full, peak = b.get("full_update_training_bytes"), b.get("peak_memory_bytes")
-        saving = f"{100 * (1 - b['predicted_training_bytes'] / full):.0f}%" if full and b.get("predicted_training_bytes") else "-"
-        t.add_row(b["name"], unit_ranges(b["units"]), format_size(peak), format_size(b.get("predicted_training_bytes")),
-                  format_size(full), saving,
-                  f"{b['agg_ms_per_step']:.1f}" if b.get("agg_ms_per_step") is not None else "-",
-                  format_size(b.get("bytes_per_step")))
-    return t
 
 
 def _compression_spec(name: str, density: float, key_fraction: float, bins: int, warmup: int) -> dict:
@@ -212,6 +193,6 @@ def _current_plan(inv: Inventory, *, quiet: bool) -> dict:
         return load_plan(path, [b.name for b in inv.boards])
     if not quiet:
         info("no plan yet: planning with default options (run `dsparse plan` to choose them)")
-    from dsparse_cli.cli.plan import make_plan
+    from dsparse_cli.planning.make import make_plan
 
     return make_plan(inv, quiet=quiet)

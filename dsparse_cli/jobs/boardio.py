@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from dsparse_cli.jobs.records import BoardRun
 from dsparse_cli.remote.base import Transport
+from dsparse_cli.remote.shell import alive_check
 
 _SEP = "@@dsparse@@"
 
@@ -34,20 +35,13 @@ class BoardState:
         return max(0.0, self.now - float(self.heartbeat["time"]))
 
 
-def _alive_check(pid: int | None) -> str:
-    if not pid:
-        return "echo none"
-    # kill -0 succeeds for zombies too, so also look at the process state.
-    return (f"if kill -0 {pid} 2>/dev/null && ! grep -q '^State:.*Z' /proc/{pid}/status 2>/dev/null; "
-            "then echo alive; else echo dead; fi")
-
-
 def state_command(run: BoardRun, log_offset: int) -> str:
     status, log = shlex.quote(run.status_path), shlex.quote(run.log_path)
     # Liveness first, heartbeat after: a process found dead wrote its last heartbeat before, so
     # "died without reporting" is never a final heartbeat that landed between the two reads.
+    agent, worker = (alive_check(pid) if pid else "echo none" for pid in (run.pid, run.worker_pid))
     return "; ".join([
-        f"a=$({_alive_check(run.pid)})", f"w=$({_alive_check(run.worker_pid)})",
+        f"a=$({agent})", f"w=$({worker})",
         f"cat {status} 2>/dev/null", f"echo {_SEP}", "date +%s.%N", f"echo {_SEP}",
         'echo "$a"', f"echo {_SEP}",
         'echo "$w"', f"echo {_SEP}",

@@ -18,17 +18,20 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 from rich.live import Live
-from rich.table import Table
+from rich.markup import escape
 
 from dsparse_cli.console import console, err_console
-from dsparse_cli.inventory import Inventory, format_size
+from dsparse_cli.contract import BoardStatus, JobState
+from dsparse_cli.inventory import Inventory
 from dsparse_cli.jobs import records
 from dsparse_cli.jobs.boardio import BoardState, last_log_lines, read_state
 from dsparse_cli.jobs.records import JobRecord
 from dsparse_cli.jobs.status import STALE_AFTER_S, board_row
 from dsparse_cli.remote.base import Transport
+from dsparse_cli.render import board_table
 
 # Errors a worker reports when *another* board went away: not the root cause.
 _PEER_ERROR = re.compile(r"peer|connection|broken pipe|timed? ?out|gloo|nccl|DistBackendError|"
@@ -42,7 +45,7 @@ SETTLE_S = 5.0       # a failed board's torchrun gets this long to exit and log 
 
 @dataclass
 class Outcome:
-    state: str                          # finished | failed | interrupted
+    state: JobState                     # finished | failed
     rows: list[dict]
     failed_board: str | None = None
     error: str | None = None
@@ -97,14 +100,14 @@ class Follower:
         if self.show_logs:
             for line in lines:
                 if line.strip():
-                    err_console.print(f"[cyan]{name}[/] | " + _escape(line), highlight=False)
+                    err_console.print(f"[cyan]{name}[/] | " + escape(line), highlight=False)
 
     def failure(self, rows: list[dict]) -> dict | None:
         """The board to blame, if any: one whose own error is not about a vanished peer, else a
         board that stopped answering, else the first with a peer error."""
-        bad = [r for r in rows if r["state"] in ("failed", "stale")]
+        bad = [r for r in rows if r["state"] in (BoardStatus.FAILED, BoardStatus.STALE)]
         root = [r for r in bad if not _PEER_ERROR.search(r["error"] or "")]
-        silent = [r for r in rows if r["state"] == "unreachable"]
+        silent = [r for r in rows if r["state"] == BoardStatus.UNREACHABLE]
         lost = [r for r in silent if time.monotonic() - self.last_contact[r["name"]] >= UNREACHABLE_S]
         if root or lost:
             return (root or lost)[0]
@@ -112,26 +115,12 @@ class Follower:
             return (silent or bad)[0]
         return None
 
-    def table(self, rows: list[dict]) -> Table:
-        t = Table(title=f"job {self.rec.id}", title_justify="left")
-        for col in ("board", "state", "epoch", "step", "loss", "acc", "samples/s", "process peak / budget",
-                    "agg ms/step", "bytes/step", "hb age"):
-            t.add_column(col)
-        for r in rows:
-            colour = {"finished": "green", "failed": "red", "stale": "yellow", "unreachable": "red"}.get(r["state"], "")
-            t.add_row(r["name"], f"[{colour}]{r['state']}[/]" if colour else r["state"],
-                      _epoch(r), _step(r), _fmt(r.get("loss"), ".3f"),
-                      _fmt(r.get("accuracy"), ".3f"), _fmt(r.get("samples_per_s"), ".1f"),
-                      f"{format_size(r.get('peak_process_bytes'))} / {format_size(self.budgets.get(r['name']))}",
-                      _fmt(r.get("agg_ms_per_step"), ".1f"), format_size(r.get("bytes_per_step")),
-                      _fmt(r.get("heartbeat_age_s"), ".0f"))
-        return t
-
     def run(self) -> Outcome:
         try:
             if self.live:
-                with Live(self.table([]), console=console, refresh_per_second=2, transient=False) as live:
-                    return self._loop(lambda rows: live.update(self.table(rows)))
+                view = partial(board_table, f"job {self.rec.id}", budgets=self.budgets)
+                with Live(view([]), console=console, refresh_per_second=2, transient=False) as live:
+                    return self._loop(lambda rows: live.update(view(rows)))
             return self._loop(lambda rows: None)
         finally:
             self.pool.shutdown(wait=False)
@@ -141,22 +130,22 @@ class Follower:
         while True:
             rows = self.poll()
             show(rows)
-            if all(r["state"] == "finished" for r in rows):
+            if all(r["state"] == BoardStatus.FINISHED for r in rows):
                 # Wait for torchrun to exit too: until then rank 0 holds the rendezvous port.
                 finished_at = finished_at or time.monotonic()
                 lingering = any(self.alive.values())
                 if not lingering or time.monotonic() - finished_at > EXIT_WAIT_S:
-                    return Outcome("finished", rows, lingering=lingering)
+                    return Outcome(JobState.FINISHED, rows, lingering=lingering)
                 time.sleep(min(self.poll_s, 0.5))
                 continue
             culprit = self.failure(rows)
             if culprit:
-                if culprit["state"] == "unreachable":
+                if culprit["state"] == BoardStatus.UNREACHABLE:
                     lines = list(self.tail[culprit["name"]])
                 else:
                     self._settle(culprit["name"])
                     lines = self._last_lines(culprit["name"])
-                return Outcome("failed", rows, culprit["name"], culprit["error"], lines)
+                return Outcome(JobState.FAILED, rows, culprit["name"], culprit["error"], lines)
             time.sleep(self.poll_s)
 
     def _settle(self, name: str) -> None:
@@ -177,28 +166,3 @@ class Follower:
         except Exception as exc:
             return [f"(could not read the log: {exc})"]
 
-
-def _epoch(r: dict) -> str:
-    return f"{r['epoch']}/{r['epochs']}" if r.get("epoch") and r.get("epochs") else _fmt(r.get("epoch"))
-
-
-def _step(r: dict) -> str:
-    """The step within the whole run (the per-epoch step restarts at every epoch)."""
-    if r.get("global_step") is not None and r.get("total_steps"):
-        return f"{r['global_step']}/{r['total_steps']}"
-    return _fmt(r.get("step"))
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
-
-
-def _fmt(value, spec: str = "") -> str:
-    if value is None:
-        return "-"
-    try:
-        return format(value, spec)
-    except (TypeError, ValueError):
-        return str(value)

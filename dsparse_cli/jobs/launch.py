@@ -7,16 +7,16 @@ PID (== PGID) is recorded locally as soon as it exists so `dsparse stop` can alw
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shlex
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import replace
 from pathlib import Path
 
 import dsparse_cli
+from dsparse_cli.contract import DATASETS, JobSpec, JobState, Plan, plan_hash
 from dsparse_cli.errors import EXIT_BOARD_FAILED, ConfigError, JobError
 from dsparse_cli.inventory import Inventory, Target
 from dsparse_cli.jobs import records
@@ -24,76 +24,45 @@ from dsparse_cli.jobs.records import BoardRun, JobRecord
 from dsparse_cli.remote import connect, fan_out
 from dsparse_cli.remote.base import Transport
 
-DATASETS = ("digits", "cifar10", "synthetic")
+
+def job_doc(opts: JobSpec, job_id: str, run_dir: str, resume: bool) -> dict:
+    return replace(opts, id=job_id, workdir=run_dir, resume=resume).to_dict()
 
 
-@dataclass
-class TrainOptions:
-    dataset: str = "digits"
-    data_dir: str | None = None
-    download: bool = False
-    epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    optimizer: str = "sgd-momentum"
-    seed: int = 0
-    sync_every: int = 1
-    compression: dict = field(default_factory=lambda: {"name": "none"})
-    backend: str = "gloo"
-    collective_timeout_s: float = 120.0
-    heartbeat_s: float = 1.0
-    checkpoint_every_steps: int | None = None
-    eval: bool = True
-
-
-def plan_hash(plan: dict) -> str:
-    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def job_doc(opts: TrainOptions, job_id: str, run_dir: str, resume: bool) -> dict:
-    doc = asdict(opts)
-    doc.update(id=job_id, workdir=run_dir, resume=resume)
-    return doc
-
-
-def check_options(opts: TrainOptions, plan: dict) -> None:
+def check_options(opts: JobSpec, plan: Plan) -> None:
     if opts.dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {opts.dataset!r}", f"choose one of {', '.join(DATASETS)}")
     if opts.dataset == "cifar10" and not opts.download:
         if not opts.data_dir or not Path(opts.data_dir).expanduser().is_dir():
             raise ConfigError(f"cifar10 needs --data-dir with the dataset (got {opts.data_dir!r})",
                               "point --data-dir at a torchvision CIFAR-10 folder or add --download")
-    if opts.batch_size > plan["batch_size"]:
+    if opts.batch_size > plan.batch_size:
         raise ConfigError(
-            f"--batch-size {opts.batch_size} is larger than the plan's {plan['batch_size']}: "
+            f"--batch-size {opts.batch_size} is larger than the plan's {plan.batch_size}: "
             "the plan's memory figures would not hold",
             f"re-run `dsparse plan --batch-size {opts.batch_size}`")
     if opts.epochs < 1 or (opts.max_steps is not None and opts.max_steps < 1):
         raise ConfigError("--epochs and --max-steps must be at least 1")
 
 
-def check_probe_facts(inv: Inventory, plan: dict) -> None:
+def check_probe_facts(inv: Inventory, plan: Plan) -> None:
     """The plan was made from a probe: a board it found without torch cannot run the job. A probe
     whose `import torch` merely timed out (a slow board) proved nothing: the preflight checks it."""
     from dsparse_cli.probing.collect import read_cache
 
-    probe = plan.get("probe") or {}
-    cached = {b["name"]: b for b in (read_cache(inv) or {}).get("boards", [])}
-    for d in plan["devices"]:
-        facts = probe.get(d["name"]) or {}
-        warnings = (cached.get(d["name"]) or {}).get("warnings") or []
-        if any("did not finish" in w for w in warnings):  # board_script.collect_torch's timeout
+    cache = read_cache(inv)
+    cached = cache.answered() if cache else {}
+    for d in plan.devices:
+        facts = plan.probe.get(d.name) or {}
+        if d.name in cached and cached[d.name].torch_timed_out:
             continue
         if facts.get("source") == "probe" and not facts.get("torch"):
-            raise ConfigError(f"the probe found no torch on board {d['name']} (the plan was made from that probe)",
+            raise ConfigError(f"the probe found no torch on board {d.name} (the plan was made from that probe)",
                               "install torch and torchvision there, then re-run `dsparse probe` and `dsparse plan`")
 
 
-def warn_torch_changed(name: str, found: dict, plan: dict) -> None:
-    planned = ((plan.get("probe") or {}).get(name) or {}).get("torch")
+def warn_torch_changed(name: str, found: dict, plan: Plan) -> None:
+    planned = (plan.probe.get(name) or {}).get("torch")
     # The probe reports torch.__version__ ("2.5.0+cu124"), the package metadata may drop the local part.
     if planned and found.get("torch") and found["torch"].split("+")[0] != planned.split("+")[0]:
         from dsparse_cli.console import warning
@@ -102,31 +71,31 @@ def warn_torch_changed(name: str, found: dict, plan: dict) -> None:
                 "re-run `dsparse probe` and `dsparse plan` if its memory figures changed")
 
 
-def probe_ifaces(inv: Inventory, plan: dict) -> dict[str, str]:
+def probe_ifaces(inv: Inventory, plan: Plan) -> dict[str, str]:
     """Per board, the interface toward the master that the probe found: the probe cache first
     (it is the newest), then the plan's probe facts. Entries probed for another master are skipped."""
     from dsparse_cli.probing.collect import read_cache
 
-    found = {n: f["iface"] for n, f in (plan.get("probe") or {}).items() if (f or {}).get("iface")}
-    for b in (read_cache(inv) or {}).get("boards", []):
-        if b.get("ok") and b.get("iface") and b.get("master") in (None, inv.master_addr):
-            found[b["name"]] = b["iface"]
+    found = {n: f["iface"] for n, f in plan.probe.items() if (f or {}).get("iface")}
+    cache = read_cache(inv)
+    for b in (cache.answered() if cache else {}).values():
+        if b.iface and getattr(b, "master", None) in (None, inv.master_addr):
+            found[b.name] = b.iface
     return found
 
 
-def settle_master(inv: Inventory, plan: dict) -> None:
+def settle_master(inv: Inventory, plan: Plan) -> None:
     """torchrun's static rendezvous runs its store on node rank 0, so the master address must be
     the rank-0 board's. By default it is the first board's host; when the plan leaves that board
     out (`--exclude-small`), the default follows rank 0. An explicit master.addr that is another
     board's host is an error (any other address may be rank 0's on another interface)."""
-    rank0_name = next(d["name"] for d in plan["devices"] if d["rank"] == 0)
-    rank0 = inv.board(rank0_name)
+    rank0 = inv.board(plan.devices[0].name)
     if not inv.master_explicit:
         inv.master_addr = rank0.host
         return
     other = next((b.name for b in inv.boards if b.host == inv.master_addr and b.host != rank0.host), None)
     if other:
-        why = "which the plan leaves out" if other not in {d["name"] for d in plan["devices"]} else "not rank 0"
+        why = "which the plan leaves out" if plan.device(other) is None else "not rank 0"
         raise ConfigError(f"master.addr {inv.master_addr} is board {other}'s, {why}; "
                           f"the rendezvous runs on rank 0 ({rank0.name}, {rank0.host})",
                           f"set master.addr to {rank0.host} or remove it from cluster.yaml")
@@ -166,7 +135,7 @@ def digits_file() -> Path:
 def runtime_files() -> list[tuple[Path, str]]:
     """(local file, path relative to the shipped package root) for the runtime package."""
     root = _package_root()
-    files = [root / "dsparse_cli" / "__init__.py"]
+    files = [root / "dsparse_cli" / "__init__.py", root / "dsparse_cli" / "contract.py"]
     files += sorted((root / "dsparse_cli" / "runtime").rglob("*.py"))
     return [(f, str(f.relative_to(root))) for f in files]
 
@@ -207,11 +176,10 @@ def run_dir_for(target: Target, job_id: str) -> str:
     return f"{base}/runs/{job_id}"
 
 
-def new_record(inv: Inventory, plan: dict, job_id: str) -> JobRecord:
-    by_name = {b.name: b for b in inv.boards}
-    boards = [BoardRun(d["name"], d["rank"], by_name[d["name"]].local, run_dir_for(by_name[d["name"]], job_id))
-              for d in plan["devices"]]
-    return JobRecord(job_id, inv.name, str(inv.path) if inv.path else None, plan_hash(plan),
+def new_record(inv: Inventory, plan: Plan, job_id: str, hash_of_plan: str) -> JobRecord:
+    boards = [BoardRun(d.name, d.rank, inv.board(d.name).local, run_dir_for(inv.board(d.name), job_id))
+              for d in plan.devices]
+    return JobRecord(job_id, inv.name, str(inv.path) if inv.path else None, hash_of_plan,
                      inv.master_addr, inv.master_port, boards)
 
 
@@ -301,20 +269,22 @@ def _write_board_record(transport: Transport, run: BoardRun, rec: JobRecord, sta
     transport.put(str(local), f"{run.workdir}/job.json")
 
 
-def start_job(inv: Inventory, plan: dict, opts: TrainOptions, *, connect_timeout: float,
+def start_job(inv: Inventory, doc: dict, opts: JobSpec, *, connect_timeout: float,
               accept_new_host_keys: bool = False,
               resume_of: JobRecord | None = None) -> tuple[JobRecord, dict[str, Transport]]:
     """Stage every board, then start every board. Raises before starting anything when a board
     cannot be staged; stops what it started when a later start fails."""
+    plan = Plan.from_dict(doc)
     check_options(opts, plan)
     check_probe_facts(inv, plan)
     settle_master(inv, plan)
     check_port_free(inv)
-    rec = resume_of or new_record(inv, plan, records.new_job_id())
-    rec.options = asdict(opts)
+    rec = resume_of or new_record(inv, plan, records.new_job_id(), plan_hash(doc))
+    rec.options = opts.to_dict()
     if resume_of:
         rec.attempts += 1
-        rec.state, rec.failed_board, rec.error = "starting", None, None
+        rec.advance(JobState.STARTING)
+        rec.failed_board, rec.error = None, None
     by_name = {b.name: b for b in inv.boards}
     staging = inv.state_dir / "jobs" / f"{rec.id}.staging"
     world = len(rec.boards)
@@ -331,7 +301,7 @@ def start_job(inv: Inventory, plan: dict, opts: TrainOptions, *, connect_timeout
             if not target.local and opts.dataset == "digits" and not opts.data_dir:
                 # shipped with the runtime, so boards need no scikit-learn
                 job["data_dir"] = run.workdir + "/data"
-            pkg = _stage_board(transport, target, run, plan, job, staging)
+            pkg = _stage_board(transport, target, run, doc, job, staging)
         except BaseException:
             transport.close()
             raise
@@ -367,6 +337,6 @@ def start_job(inv: Inventory, plan: dict, opts: TrainOptions, *, connect_timeout
         if isinstance(exc, Exception) and not isinstance(exc, JobError):
             raise JobError(f"could not start the job: {exc}") from exc
         raise
-    rec.state = "running"
+    rec.advance(JobState.RUNNING)
     records.save(inv.state_dir, rec)
     return rec, transports

@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from dsparse_cli.contract import JOB_TRANSITIONS, ContractError, JobState, check_transition
 from dsparse_cli.errors import ConfigError
 
 
@@ -55,12 +56,17 @@ class JobRecord:
     master_port: int
     boards: list[BoardRun]
     created: float = field(default_factory=time.time)
-    state: str = "starting"      # starting | running | finished | failed | stopped
+    state: str = JobState.STARTING   # a JobState; change it with `advance`
     failed_board: str | None = None
     error: str | None = None
     summary: dict | None = None
     attempts: int = 1
     options: dict | None = None  # the TrainOptions it was started with (what --resume reuses)
+
+    def advance(self, state: str) -> None:
+        """Move to `state` along `contract.JOB_TRANSITIONS` (ContractError otherwise)."""
+        check_transition(JOB_TRANSITIONS, self.state, state)
+        self.state = JobState(state)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -68,7 +74,9 @@ class JobRecord:
     @classmethod
     def from_dict(cls, doc: dict) -> "JobRecord":
         boards = [BoardRun(**b) for b in doc.pop("boards")]
-        return cls(boards=boards, **doc)
+        rec = cls(boards=boards, **doc)
+        rec.state = JobState(rec.state)
+        return rec
 
 
 def new_job_id() -> str:
@@ -104,5 +112,5 @@ def load(state_dir: Path, job_id: str | None = None) -> JobRecord:
         raise ConfigError(f"no job {job_id!r} under {d}", f"known jobs: {', '.join(known[-5:]) or 'none'}")
     try:
         return JobRecord.from_dict(json.loads(path.read_text()))
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, ContractError) as exc:
         raise ConfigError(f"job record {path} is unreadable ({exc})") from None

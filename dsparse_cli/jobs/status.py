@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dsparse_cli.contract import BoardStatus, ContractError, HeartbeatDoc, JobState, JobStatus, WorkerState
 from dsparse_cli.jobs.boardio import BoardState
-from dsparse_cli.jobs.records import BoardRun, JobRecord
+from dsparse_cli.jobs.records import BoardRun, JobRecord, load
 
 STALE_AFTER_S = 60.0   # a heartbeat older than this on a live process: stuck (e.g. a hung collective)
 
@@ -11,52 +12,64 @@ BOARD_KEYS = ("epoch", "step", "loss", "accuracy", "samples_per_s", "peak_memory
               "agg_ms_per_step", "bytes_per_step")
 
 
-def classify(state: BoardState | None, error: str | None, stale_after_s: float = STALE_AFTER_S) -> tuple[str, str | None]:
-    """(state, error) for one board. `state` None means the board could not be reached."""
+def heartbeat_of(state: BoardState | None) -> HeartbeatDoc | None:
+    """The board's heartbeat as the contract reads it; None when missing or not a heartbeat."""
+    try:
+        return HeartbeatDoc.from_dict(state.heartbeat) if state and state.heartbeat else None
+    except ContractError:
+        return None
+
+
+def classify(state: BoardState | None, error: str | None,
+             stale_after_s: float = STALE_AFTER_S) -> tuple[BoardStatus, str | None]:
+    """(status, error) for one board. `state` None means the board could not be reached."""
     if state is None:
-        return "unreachable", error
-    hb = state.heartbeat or {}
-    reported = hb.get("state")
-    if reported == "finished":
-        return "finished", None
-    if reported in ("failed", "stopped"):
-        return "failed", hb.get("error") or f"worker reported {reported}"
+        return BoardStatus.UNREACHABLE, error
+    hb = heartbeat_of(state)
+    if hb and hb.state == WorkerState.FINISHED:
+        return BoardStatus.FINISHED, None
+    if hb and hb.state in (WorkerState.FAILED, WorkerState.STOPPED):
+        return BoardStatus.FAILED, hb.error or f"worker reported {hb.state}"
     if state.worker_alive is False:
-        return "failed", "worker process died without reporting (killed or crashed; see `dsparse logs`)"
+        return BoardStatus.FAILED, "worker process died without reporting (killed or crashed; see `dsparse logs`)"
     if state.alive is False:
-        return "failed", "torchrun exited without the worker reporting (see `dsparse logs`)"
+        return BoardStatus.FAILED, "torchrun exited without the worker reporting (see `dsparse logs`)"
     age = state.heartbeat_age_s
     if age is not None and age > stale_after_s:
-        return "stale", f"no heartbeat for {age:.0f}s"
-    return "running", None
+        return BoardStatus.STALE, f"no heartbeat for {age:.0f}s"
+    return BoardStatus.RUNNING, None
 
 
 def board_row(run: BoardRun, state: BoardState | None, error: str | None,
               stale_after_s: float = STALE_AFTER_S) -> dict:
+    """The `status --json` row of one board: the heartbeat's progress keys, then its state."""
     st, err = classify(state, error, stale_after_s)
-    hb = (state.heartbeat if state else None) or {}
+    hb = (heartbeat_of(state) or HeartbeatDoc()).to_dict()
     row = {"name": run.name, "rank": run.rank, "state": st}
-    row.update({k: hb.get(k) for k in BOARD_KEYS})
+    row.update({k: hb[k] for k in BOARD_KEYS})
     row["heartbeat_age_s"] = round(state.heartbeat_age_s, 1) if state and state.heartbeat_age_s is not None else None
     row["error"] = err
-    for extra in ("epochs", "steps_per_epoch", "global_step", "total_steps", "bytes_sent_per_step",
-                  "bytes_recv_per_step", "dense_bytes_per_step", "compression_ratio", "compress_ms_per_step",
-                  "base_memory_bytes", "peak_process_bytes", "updated_units", "pid"):
-        if extra in hb:
-            row[extra] = hb[extra]
+    row.update({k: v for k, v in hb.items() if k not in row and k not in ("job", "state", "time", "name")})
     return row
 
 
-def job_state(rec: JobRecord, rows: list[dict]) -> str:
+def job_state(rec: JobRecord, rows: list[dict]) -> JobStatus:
     states = [r["state"] for r in rows]
-    if rec.state == "stopping":
-        return "stopping"
-    if rec.state == "stopped" and "running" not in states:
-        return "stopped"
-    if all(s == "finished" for s in states):
-        return "finished"
-    if any(s == "failed" for s in states):
-        return "failed"
-    if any(s in ("stale", "unreachable") for s in states):
-        return "degraded"
-    return "running"
+    if rec.state == JobState.STOPPING:
+        return JobStatus.STOPPING
+    if rec.state == JobState.STOPPED and BoardStatus.RUNNING not in states:
+        return JobStatus.STOPPED
+    if all(s == BoardStatus.FINISHED for s in states):
+        return JobStatus.FINISHED
+    if any(s == BoardStatus.FAILED for s in states):
+        return JobStatus.FAILED
+    if any(s in (BoardStatus.STALE, BoardStatus.UNREACHABLE) for s in states):
+        return JobStatus.DEGRADED
+    return JobStatus.RUNNING
+
+
+def stopped_on_request(state_dir, rec: JobRecord) -> bool:
+    """Whether `dsparse stop` (or Ctrl-C in `train`) stopped the job, as its record says now:
+    `rec.state` is refreshed from the record. The boards then report "stopped": no failure."""
+    rec.state = load(state_dir, rec.id).state
+    return rec.state in (JobState.STOPPING, JobState.STOPPED)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import time
 
+from dsparse_cli.contract import JobState
 from dsparse_cli.errors import RemoteError
 from dsparse_cli.inventory import Inventory
 from dsparse_cli.jobs import records
@@ -49,7 +50,8 @@ def stop_board(transport: Transport, run: BoardRun, grace_s: float = GRACE_S) ->
 
 
 def stop_job(inv: Inventory, rec: JobRecord, *, transports: dict[str, Transport] | None = None,
-             grace_s: float = GRACE_S, connect_timeout: float = 10.0, state: str = "stopped") -> list[BoardResult]:
+             grace_s: float = GRACE_S, connect_timeout: float = 10.0,
+             state: JobState = JobState.STOPPED) -> list[BoardResult]:
     """Stop every board of the job in parallel. Boards that cannot be reached are results, not errors."""
     transports = transports or {}
     by_name = {b.name: b for b in inv.boards}
@@ -59,11 +61,11 @@ def stop_job(inv: Inventory, rec: JobRecord, *, transports: dict[str, Transport]
         transport = transports.get(run.name) or connect(target, connect_timeout=connect_timeout)
         return stop_board(transport, run, grace_s)
 
-    if rec.state in ("starting", "running"):
-        rec.state = "stopping"  # so `status` reads the boards' "stopped" heartbeats as asked for
+    if rec.state in (JobState.STARTING, JobState.RUNNING):
+        rec.advance(JobState.STOPPING)  # so `status` reads the boards' "stopped" heartbeats as asked for
         records.save(inv.state_dir, rec)
     results = fan_out([by_name[r.name] for r in rec.boards if r.process_groups() and r.name in by_name], one)
-    if rec.state == "stopping":
-        rec.state = state
+    if rec.state == JobState.STOPPING:
+        rec.advance(state)
     records.save(inv.state_dir, rec)
     return results

@@ -1,7 +1,7 @@
 """Planning: measured profile -> per-device sparse-update plan -> aggregation groups -> plan file.
 
-`plan_cluster` is the whole of `dsparse plan` minus the CLI. Nothing here imports torch at
-module level (profiling runs in a subprocess; `importance=grad` imports torch when used).
+`plan_cluster` plans from given budgets (`planning.make` finds them for the CLI). Nothing here imports
+torch at module level (profiling runs in a subprocess; `importance=grad` imports torch when used).
 """
 
 from __future__ import annotations

@@ -12,15 +12,14 @@ import os
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from dsparse_cli.contract import PLAN_VERSION, ContractError, Plan
 from dsparse_cli.errors import ConfigError
 from dsparse_cli.planning.planner import PlanResult
 from dsparse_cli.planning.profile import Profile, breakdown
 from dsparse_cli.planning.schedule import build_groups
 
-PLAN_VERSION = 1
 DEFAULT_HEADROOM = 0.15
 RERUN = "re-run dsparse plan"
-REQUIRED_KEYS = ("model", "num_classes", "image_size", "batch_size", "optimizer", "units", "devices", "groups")
 
 
 def budget_bytes(usable_memory_bytes: int, headroom: float = DEFAULT_HEADROOM) -> int:
@@ -76,14 +75,10 @@ def write_plan(path: str | Path, doc: dict) -> Path:
     return path
 
 
-def plan_boards(doc: dict) -> list[str]:
-    """Every board the plan was made for, included or excluded."""
-    return [d["name"] for d in doc.get("devices", [])] + [e["name"] for e in doc.get("excluded", [])]
-
-
 def load_plan(path: str | Path, inventory_board_names: Iterable[str] | None = None) -> dict:
-    """Read and check a plan; ConfigError (one line) when missing, unreadable, of another version,
-    or made for other boards than `inventory_board_names`."""
+    """Read a plan and check it against `contract.Plan`; ConfigError (one line) when missing,
+    unreadable, of another version, not following the contract, or made for other boards than
+    `inventory_board_names`. Returns the document as written (it is what a job hashes)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"no plan at {path}", "run `dsparse plan`")
@@ -91,17 +86,13 @@ def load_plan(path: str | Path, inventory_board_names: Iterable[str] | None = No
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"plan {path} is not valid JSON ({str(exc).splitlines()[0]})", RERUN) from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"plan {path} is not a JSON object", RERUN)
-    version = doc.get("version")
-    if version != PLAN_VERSION:
-        raise ConfigError(f"plan version {version} is not supported (expected {PLAN_VERSION})", RERUN)
-    missing = [k for k in REQUIRED_KEYS if k not in doc]
-    if missing:
-        raise ConfigError(f"plan {path} is missing {', '.join(missing)}", RERUN)
+    try:
+        plan = Plan.from_dict(doc, where=f"plan {path}")
+    except ContractError as exc:
+        raise ConfigError(str(exc), RERUN) from None
     if inventory_board_names is not None:
         have = list(inventory_board_names)
-        made_for = plan_boards(doc)
+        made_for = plan.boards()
         if sorted(made_for) != sorted(have):
             raise ConfigError(f"plan was made for boards [{', '.join(made_for)}] but cluster has "
                               f"[{', '.join(have)}]", RERUN)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Protocol, Sequence
 
 from dsparse_cli.errors import ConfigError
-from dsparse_cli.inventory import format_size
+from dsparse_cli.sizes import format_size
 
 SMALL_HINT = "raise memory_limit, lower --batch-size, or pass --exclude-small"
 

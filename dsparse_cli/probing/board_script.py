@@ -658,7 +658,7 @@ def collect_torch(timeout):
         except OSError:
             pass
         p.communicate()
-        return None, "import torch did not finish within %gs; torch reported as missing" % timeout
+        return {"timed_out": True}, "import torch did not finish within %gs; torch reported as missing" % timeout
     result = parse_torch_output(stdout)
     if result is None:
         tail = (stderr or "").strip().splitlines()
@@ -716,6 +716,7 @@ def collect_torch_info(info, args, warnings):
     if warning:
         warnings.append(warning)
     info["torch"] = torch.get("torch")
+    info["torch_timed_out"] = bool(torch.get("timed_out"))  # proved nothing: the preflight checks
     info["torchvision"] = torch.get("torchvision")
     info["cuda"] = bool(torch.get("cuda"))
     info["cuda_device"] = torch.get("cuda_device")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from dsparse_cli.errors import ConfigError, RemoteError
@@ -54,6 +55,19 @@ def probe_all(inv: Inventory, *, connect_timeout: float, accept_new_host_keys: b
     return [r.value if r.ok else DeviceInfo.failed(r.name, r.error) for r in results]
 
 
+@dataclass
+class ProbeCache:
+    """`.dsparse/probe.json`: the last probe of every board of a cluster."""
+
+    cluster: str
+    time: float
+    boards: list[DeviceInfo]
+
+    def answered(self) -> dict[str, DeviceInfo]:
+        """The boards that answered, by name."""
+        return {b.name: b for b in self.boards if b.ok}
+
+
 def write_cache(inv: Inventory, infos: list[DeviceInfo]) -> Path:
     inv.state_dir.mkdir(parents=True, exist_ok=True)
     path = inv.state_dir / CACHE_NAME
@@ -64,17 +78,20 @@ def write_cache(inv: Inventory, infos: list[DeviceInfo]) -> Path:
     return path
 
 
-def read_cache(inv: Inventory, *, max_age_s: float | None = None) -> dict | None:
+def read_cache(inv: Inventory, *, max_age_s: float | None = None) -> ProbeCache | None:
     """The cached probe, or None when missing, stale or for other boards."""
     path = inv.state_dir / CACHE_NAME
     if not path.exists():
         return None
     try:
         doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"probe cache {path} is unreadable ({exc})", "delete it and run `dsparse probe`") from None
-    if max_age_s is not None and time.time() - doc.get("time", 0) > max_age_s:
+        cache = ProbeCache(doc.get("cluster", inv.name), float(doc.get("time", 0)),
+                           [DeviceInfo(**b) for b in doc.get("boards", [])])
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"probe cache {path} is unreadable ({str(exc).splitlines()[0]})",
+                          "delete it and run `dsparse probe`") from None
+    if max_age_s is not None and time.time() - cache.time > max_age_s:
         return None
-    if sorted(b["name"] for b in doc.get("boards", [])) != sorted(b.name for b in inv.boards):
+    if sorted(b.name for b in cache.boards) != sorted(b.name for b in inv.boards):
         return None
-    return doc
+    return cache

@@ -48,6 +48,7 @@ class DeviceInfo(BaseModel):
     python: str | None = None
     python_executable: str | None = None
     torch: str | None = None
+    torch_timed_out: bool = False              # `import torch` was too slow to tell
     torchvision: str | None = None
     cuda: bool = False
     cuda_device: str | None = None

@@ -18,10 +18,14 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
+from dsparse_cli.errors import RemoteError
+from dsparse_cli.remote.shell import alive_check
+
 if TYPE_CHECKING:
     from dsparse_cli.inventory import Target
 
 TIMEOUT_RC = 124
+OP_TIMEOUT = 30.0  # small housekeeping commands (signal, alive, start_detached)
 
 
 def timeout_note(timeout: float) -> str:
@@ -84,14 +88,6 @@ class Transport(ABC):
         """Copy a local file to the board, creating parent directories."""
 
     @abstractmethod
-    def get(self, remote_path: str, local_path: str) -> None:
-        """Copy a file from the board, creating local parent directories."""
-
-    @abstractmethod
-    def read_text(self, remote_path: str) -> str | None:
-        """The file's text, or None when it does not exist."""
-
-    @abstractmethod
     def start_detached(self, cmd: str, *, log_path: str, env: dict[str, str] | None = None,
                        cwd: str | None = None) -> Detached:
         """Start ``cmd`` in its own session, output appended to ``log_path``; don't wait."""
@@ -100,9 +96,13 @@ class Transport(ABC):
     def signal(self, pgid: int, sig: int) -> None:
         """Send ``sig`` to the whole process group; a group that is gone is not an error."""
 
-    @abstractmethod
     def alive(self, pid: int) -> bool:
-        """True while the process exists and is not a zombie."""
+        """True while the process exists and is not a zombie (one shell check for all)."""
+        r = self.run(alive_check(pid), timeout=OP_TIMEOUT)
+        if r.stdout.strip() not in ("alive", "dead"):
+            raise RemoteError(f"{self.target.name}: cannot check process {pid}: "
+                              f"{(r.stderr or r.stdout).strip()}")
+        return r.stdout.strip() == "alive"
 
     @abstractmethod
     def close(self) -> None:

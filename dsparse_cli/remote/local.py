@@ -41,18 +41,6 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-def proc_state(pid: int) -> str | None:
-    """The one-letter state from /proc/PID/stat ('R', 'S', 'Z', ...), None if unreadable."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode("ascii", errors="replace")
-    except OSError:
-        return None
-    # comm (field 2) may contain spaces and ')': the state follows the *last* ')'.
-    rest = stat[stat.rfind(")") + 1:].split()
-    return rest[0] if rest else None
-
-
 class LocalTransport(Transport):
     def __init__(self, target: "Target"):
         self.target = target
@@ -117,19 +105,13 @@ class LocalTransport(Transport):
 
     # -- files ----------------------------------------------------------------------------
     def put(self, local_path: str, remote_path: str) -> None:
-        _copy(_expand(local_path), _expand(remote_path))
-
-    def get(self, remote_path: str, local_path: str) -> None:
-        _copy(_expand(remote_path), _expand(local_path))
-
-    def read_text(self, remote_path: str) -> str | None:
+        src, dst = _expand(local_path), _expand(remote_path)
         try:
-            with open(_expand(remote_path), encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
+            os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+            shutil.copyfile(src, dst)
+            shutil.copymode(src, dst)
         except OSError as e:
-            raise RemoteError(f"cannot read {remote_path}: {e.strerror}") from e
+            raise RemoteError(f"cannot copy {src} to {dst}: {e.strerror or e}") from e
 
     # -- detached processes ---------------------------------------------------------------
     def start_detached(self, cmd: str, *, log_path: str, env: dict[str, str] | None = None,
@@ -160,6 +142,8 @@ class LocalTransport(Transport):
             raise RemoteError(f"not allowed to signal process group {pgid}: {e.strerror}") from e
 
     def alive(self, pid: int) -> bool:
+        # Reap our own children first (a zombie of ours would linger); anything else gets the
+        # shared shell check.
         with _DETACHED_LOCK:
             proc = _DETACHED.get(pid)
             if proc is not None:
@@ -167,34 +151,13 @@ class LocalTransport(Transport):
                     return True
                 del _DETACHED[pid]
                 return False
-        return pid_alive(pid)
+        if pid > 0:  # waitpid would mean "any child" / "my process group"
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    return False  # our child, now reaped
+            except ChildProcessError:
+                pass  # not our child: its parent (or init) reaps it
+        return super().alive(pid)
 
     def close(self) -> None:
         pass
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` runs on this machine; a zombie counts as dead (and is reaped if ours)."""
-    if pid <= 0:  # waitpid/kill would mean "any child" / "my process group"
-        return False
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False  # our child, now reaped
-    except ChildProcessError:
-        pass  # not our child: its parent (or init) reaps it
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    return proc_state(pid) not in ("Z", "X")
-
-
-def _copy(src: str, dst: str) -> None:
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-        shutil.copyfile(src, dst)
-        shutil.copymode(src, dst)
-    except OSError as e:
-        raise RemoteError(f"cannot copy {src} to {dst}: {e.strerror or e}") from e

@@ -1,78 +1,34 @@
-"""SSH transport on paramiko: one connection per board, exec channels and SFTP over it."""
+"""SSH transport on paramiko: one connection per board, exec channels and SFTP over it.
+
+This module is the channel I/O (run with stdin and a deadline, stream lines, SFTP put);
+opening the connection is in ``client``, the shell text it runs is in ``shell``.
+"""
 
 from __future__ import annotations
 
-import errno
 import functools
-import getpass
-import logging
-import math
 import os
-import re
 import select
-import shlex
 import socket
 import stat
-import subprocess
 import threading
 import time
 from typing import TYPE_CHECKING, Iterator
 
 import paramiko
 
-from dsparse_cli.errors import ConfigError, DsparseError, RemoteError
-from dsparse_cli.remote import hostkeys
+from dsparse_cli.errors import DsparseError, RemoteError
 from dsparse_cli.remote.base import (
-    TIMEOUT_RC, Detached, LineSplitter, RunResult, Transport, timeout_note,
+    OP_TIMEOUT, TIMEOUT_RC, Detached, LineSplitter, RunResult, Transport, timeout_note,
 )
+from dsparse_cli.remote.client import close_quietly, open_client
+from dsparse_cli.remote.shell import detached_script, sh_wrap
 
 if TYPE_CHECKING:
     from dsparse_cli.inventory import Target
 
-# paramiko logs handshake failures as ERROR with tracebacks; we report them as one line.
-# Keep them out of the terminal unless someone configured the "paramiko" logger (-v).
-if logging.getLogger("paramiko").level == logging.NOTSET:
-    logging.getLogger("paramiko").setLevel(logging.CRITICAL)
-
-OP_TIMEOUT = 30.0      # small housekeeping commands (signal, alive, start_detached)
 REMOTE_GRACE = 5.0     # extra local wait so the board's own `timeout` can report first
 EXIT_QUIET = 1.0       # after the exit status, wait this long for output still in flight
-
-# Runs on the board: become a session leader *without* forking, report the pid on fd 3 only
-# then (so the pid we return is already its own pgid: no window where signalling the group
-# would miss it), and undo the SIG_IGN that a non-interactive `&` and Python leave behind
-# (inherited across exec, they would make torchrun deaf to Ctrl-C / SIGPIPE).
-_LAUNCHER = (
-    "import os,signal,sys\n"
-    "for n in ('SIGINT','SIGQUIT','SIGPIPE','SIGXFSZ'):\n"
-    "    s=getattr(signal,n,None)\n"
-    "    if s is not None: signal.signal(s,signal.SIG_DFL)\n"
-    "os.setsid()\n"
-    "os.write(3,b'%d\\n'%os.getpid())\n"
-    "os.close(3)\n"
-    "os.execv('/bin/sh',['/bin/sh','-c',sys.argv[1]])\n"
-)
-
-
-def sh_path(path: str) -> str:
-    """Quote a path for sh, keeping a leading ``~`` meaningful ($HOME)."""
-    if path == "~":
-        return '"$HOME"'
-    if path.startswith("~/"):
-        return '"$HOME"/' + shlex.quote(path[2:])
-    return shlex.quote(path)
-
-
-def sh_wrap(cmd: str, timeout: float | None = None) -> str:
-    """What to hand sshd so that ``cmd`` runs under /bin/sh whatever the login shell is,
-    killed (with its process group) by the board's own ``timeout`` when it has one."""
-    q = shlex.quote(cmd)
-    inner = f"exec /bin/sh -c {q}"
-    if timeout is not None:
-        secs = max(1, math.ceil(timeout))
-        inner = (f"if command -v timeout >/dev/null 2>&1; then "
-                 f"exec timeout -k 2 {secs} /bin/sh -c {q}; fi; {inner}")
-    return "/bin/sh -c " + shlex.quote(inner)
 
 
 def _lost(method):
@@ -209,30 +165,6 @@ class SSHTransport(Transport):
             raise RemoteError(f"cannot write {remote_path} on {self.target.name}: "
                               f"{e.strerror or e}") from e
 
-    @_lost
-    def get(self, remote_path: str, local_path: str) -> None:
-        dst = os.path.expanduser(local_path)
-        src = self._rpath(remote_path)
-        try:
-            sftp = self._sftp_client()
-            sftp.stat(src)  # fail before paramiko creates an empty local file
-            os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-            sftp.get(src, dst)
-        except OSError as e:
-            raise RemoteError(f"cannot copy {remote_path} from {self.target.name}: "
-                              f"{e.strerror or e}") from e
-
-    @_lost
-    def read_text(self, remote_path: str) -> str | None:
-        try:
-            with self._sftp_client().open(self._rpath(remote_path), "r") as f:
-                return f.read().decode("utf-8", errors="replace")
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            raise RemoteError(f"cannot read {remote_path} on {self.target.name}: "
-                              f"{e.strerror or e}") from e
-
     # -- detached processes ---------------------------------------------------------------
     @_lost
     def start_detached(self, cmd: str, *, log_path: str, env: dict[str, str] | None = None,
@@ -253,48 +185,12 @@ class SSHTransport(Transport):
             raise RemoteError(f"{self.target.name}: cannot signal process group {pgid}: "
                               f"{(r.stderr or r.stdout).strip()}")
 
-    @_lost
-    def alive(self, pid: int) -> bool:
-        p = int(pid)
-        # kill -0 also succeeds for zombies (unreaped, e.g. when PID 1 does not reap): read
-        # the state letter after the last ')' in /proc/PID/stat.
-        script = (f"kill -0 {p} 2>/dev/null || exit 1; "
-                  f"s=$(sed 's/.*) //' /proc/{p}/stat 2>/dev/null | cut -c1); "
-                  f'[ "$s" != Z ] && [ "$s" != X ]')
-        r = self.run(script, timeout=OP_TIMEOUT)
-        if r.rc not in (0, 1):
-            raise RemoteError(f"{self.target.name}: cannot check process {p}: {r.stderr.strip()}")
-        return r.rc == 0
-
     def close(self) -> None:
         with self._lock:
             if self._sftp is not None:
                 self._sftp.close()
                 self._sftp = None
-        _close_quietly(self._client)
-
-
-def detached_script(cmd: str, *, log_path: str, env: dict[str, str] | None, cwd: str | None,
-                    python: str) -> str:
-    """Shell script that starts ``cmd`` as a session leader and prints its pid."""
-    log = sh_path(log_path)
-    py = sh_path(python)
-    lines = ["set -e"]
-    if cwd:
-        lines.append(f"cd {sh_path(cwd)}")
-    lines.append(f'mkdir -p "$(dirname {log})"')
-    for key, value in (env or {}).items():
-        if not key.isidentifier():
-            raise ConfigError(f"invalid environment variable name {key!r}")
-        lines.append(f"export {key}={shlex.quote(value)}")
-    lines.append(f"command -v {py} >/dev/null 2>&1 || "
-                 f"{{ echo 'python not found on the board: {python}' >&2; exit 127; }}")
-    # $(...) returns once the launcher closed fd 3, i.e. after setsid.
-    lines.append(f"pid=$({py} -c {shlex.quote(_LAUNCHER)} {shlex.quote(cmd)} "
-                 f"3>&1 >>{log} 2>&1 </dev/null &)")
-    lines.append(f'[ -n "$pid" ] || {{ echo "the launcher failed, see {log_path}" >&2; exit 1; }}')
-    lines.append('echo "$pid"')
-    return "\n".join(lines)
+        close_quietly(self._client)
 
 
 def _feed_stdin(chan: paramiko.Channel, data: bytes | None) -> None:
@@ -351,160 +247,3 @@ def _collect(chan: paramiko.Channel, deadline: float) -> tuple[str, str, bool]:
     drain()
     decode = lambda b: bytes(b).decode("utf-8", errors="replace")  # noqa: E731
     return decode(out), decode(err), finished
-
-
-# -- connecting -----------------------------------------------------------------------------
-def open_client(target: "Target", *, connect_timeout: float, accept_new_host_keys: bool,
-                known_hosts: str | None) -> paramiko.SSHClient:
-    keys = _identity_files(target)
-    user = target.user or getpass.getuser()
-    shown = known_hosts or hostkeys.DEFAULT_KNOWN_HOSTS
-    kh_path = os.path.expanduser(shown)
-    client = paramiko.SSHClient()
-    hostkeys.load_known_hosts(client, kh_path)
-    client.set_missing_host_key_policy(hostkeys.HostKeyPolicy(
-        kh_path, shown, target.host, target.port, accept_new_host_keys))
-    sock = _open_socket(target, connect_timeout)
-    client.dsparse_proxy = sock if isinstance(sock, paramiko.ProxyCommand) else None
-    try:
-        client.connect(
-            target.host, port=target.port, username=user, sock=sock,
-            key_filename=keys or None, look_for_keys=not keys, allow_agent=not keys,
-            timeout=connect_timeout, banner_timeout=connect_timeout,
-            auth_timeout=connect_timeout, channel_timeout=connect_timeout)
-    except BaseException as e:
-        proxy_died = _proxy_failure(client.dsparse_proxy, target)
-        _close_quietly(client, sock)
-        if isinstance(e, DsparseError) or not isinstance(e, Exception):
-            raise
-        if proxy_died is not None:
-            raise proxy_died from e
-        if isinstance(e, paramiko.BadHostKeyException):
-            raise hostkeys.changed_key_error(kh_path, shown, target.host, target.port,
-                                             e.key) from e
-        raise _connect_error(e, target, user, keys, connect_timeout) from e
-    return client
-
-
-def _proxy_failure(proxy, target: "Target") -> RemoteError | None:
-    """When the ProxyCommand exited, its stderr explains more than a banner timeout."""
-    if proxy is None or proxy.process.poll() is None:
-        return None
-    err = proxy.process.stderr.read().decode(errors="replace").strip().splitlines()
-    detail = err[-1] if err else "no output"
-    return RemoteError(f"ProxyCommand for {target.name} exited with status "
-                       f"{proxy.process.returncode}: {detail}",
-                       hint="check proxy_command / ProxyCommand in ~/.ssh/config")
-
-
-def _close_quietly(client: paramiko.SSHClient, sock=None) -> None:
-    proxy = client.dsparse_proxy
-    client.close()
-    if sock is not None:
-        sock.close()  # in case the failure came before paramiko owned it
-    if proxy is not None:
-        proxy.close()
-        try:
-            proxy.process.wait(timeout=5)  # reap it: no zombie per closed connection
-        except subprocess.TimeoutExpired:
-            proxy.process.kill()
-        for pipe in (proxy.process.stdin, proxy.process.stdout, proxy.process.stderr):
-            pipe.close()
-
-
-def _identity_files(target: "Target") -> list[str]:
-    paths = []
-    for f in target.identity_files or []:
-        path = os.path.expanduser(f)
-        if not os.path.isfile(path):
-            raise ConfigError(f"identity file {f} for board {target.name} does not exist",
-                              hint="fix identity_file in cluster.yaml or IdentityFile in "
-                                   "~/.ssh/config")
-        try:
-            _load_key(path)
-        except paramiko.PasswordRequiredException as e:
-            raise ConfigError(f"identity file {f} for board {target.name} is encrypted",
-                              hint="use a key without a passphrase, or load it into ssh-agent "
-                                   "and drop identity_file") from e
-        except (paramiko.SSHException, ValueError, TypeError, OSError) as e:
-            raise ConfigError(f"identity file {f} for board {target.name} is not a usable "
-                              f"private key ({e})") from e
-        paths.append(path)
-    return paths
-
-
-def _load_key(path: str) -> paramiko.PKey:
-    """Load like paramiko's client does (PKey.from_path mishandles encrypted keys)."""
-    error: Exception = paramiko.SSHException("unknown key type")
-    for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
-        try:
-            return cls.from_private_key_file(path)
-        except paramiko.PasswordRequiredException:
-            raise
-        except (paramiko.SSHException, ValueError, TypeError) as e:
-            error = e
-    raise error
-
-
-class _Proxy(paramiko.ProxyCommand):
-    def close(self):
-        # paramiko's transport thread closes it too; the process may be reaped already.
-        try:
-            super().close()
-        except ProcessLookupError:
-            pass
-
-
-def _open_socket(target: "Target", timeout: float):
-    if target.proxy_command:
-        tokens = {"h": target.host, "p": str(target.port),
-                  "r": target.user or getpass.getuser(), "%": "%"}
-        cmd = re.sub(r"%([hpr%])", lambda m: tokens[m.group(1)], target.proxy_command)
-        try:
-            # Through a shell, as OpenSSH does (pipes, $VARS); exec so close() stops the proxy.
-            return _Proxy("/bin/sh -c " + shlex.quote("exec " + cmd))
-        except Exception as e:
-            raise RemoteError(f"{target.name}: ProxyCommand failed to start: {cmd} ({e})") from e
-    try:
-        return socket.create_connection((target.host, target.port), timeout=timeout)
-    except Exception as e:
-        raise _connect_error(e, target, target.user or getpass.getuser(), [], timeout) from e
-
-
-def _connect_error(e: Exception, target: "Target", user: str, keys: list[str],
-                   timeout: float) -> RemoteError:
-    where = f"{target.host}:{target.port}"
-    silent = RemoteError(f"{where} did not answer within {timeout:g}s (unreachable?)",
-                         hint="check the address, the network and that the board is on")
-    if isinstance(e, socket.gaierror):
-        return RemoteError(f"cannot resolve host {target.host} (board {target.name})",
-                           hint="check host in cluster.yaml or HostName in ~/.ssh/config")
-    if isinstance(e, socket.timeout):
-        return silent
-    if isinstance(e, ConnectionRefusedError) or getattr(e, "errno", None) == errno.ECONNREFUSED:
-        return RemoteError(f"connection refused on {where} (is sshd running?)")
-    if isinstance(e, paramiko.AuthenticationException):
-        with_keys = "with key " + ", ".join(keys) if keys else "with the agent and ~/.ssh keys"
-        return RemoteError(
-            f"authentication failed for {user}@{target.host} {with_keys}",
-            hint=f"add the public key to the board's authorized_keys "
-                 f"(ssh-copy-id -p {target.port} {user}@{target.host})")
-    if isinstance(e, paramiko.ProxyCommandFailure):
-        return RemoteError(f"{target.name}: ProxyCommand failed: {e}")
-    if isinstance(e, paramiko.SSHException):
-        cause = e.__context__
-        # "No existing session": start_client's own wait ran out before key exchange ended.
-        if (isinstance(cause, socket.timeout) or "timeout" in str(e).lower()
-                or "No existing session" in str(e)):
-            return silent
-        if "banner" in str(e) or isinstance(cause, EOFError):
-            return RemoteError(f"{where} closed the connection before the SSH handshake "
-                               f"finished (not an SSH server, or it refused us)")
-        if "No authentication methods" in str(e):
-            return RemoteError(f"authentication failed for {user}@{target.host}: no key to offer",
-                               hint="set identity_file in cluster.yaml")
-        return RemoteError(f"SSH to {where} failed: {e}")
-    if isinstance(e, OSError):
-        return RemoteError(f"cannot reach {where}: {e.strerror or e}",
-                           hint="check the address and the network")
-    return RemoteError(f"SSH to {where} failed: {type(e).__name__}: {e}")

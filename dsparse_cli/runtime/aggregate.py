@@ -3,8 +3,9 @@
 For every group of the plan, in plan order:
 
 * `allreduce` (the ranks that update exactly these units): after backward, the units' gradients
-  are flattened into one bucket, averaged over the group (optionally through a compressor) and
-  copied back, so the members' optimizers take the same step and stay identical.
+  are flattened into one bucket, averaged over the group through the compressor ("none": the
+  plain DDP average) and copied back, so the members' optimizers take the same step and stay
+  identical.
   Before each forward the units' buffers (BatchNorm statistics) are broadcast from the group's
   root, as `DistributedDataParallel(broadcast_buffers=True)` does from rank 0: with every rank
   updating everything this is exactly DDP.
@@ -36,6 +37,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from dsparse_cli.runtime.compress import Compressor, make_compressor
 from dsparse_cli.runtime.models import UnitSpec, unit_buffers, unit_params
 
 
@@ -53,8 +55,7 @@ class Group:
     id: int
     op: str
     ranks: list[int]
-    root: int
-    receivers: list[int]
+    root: int  # the receivers of a broadcast group are its ranks but the root
     units: list[int]
     pg: object = None           # None = the default (world) group
     member: bool = False
@@ -89,18 +90,12 @@ def broadcast_module(model: nn.Module, src: int = 0) -> None:
             t.copy_(v)
 
 
-def dense_average(bucket: Tensor, group, world: int, key: str) -> Tensor:
-    """The uncompressed path: scale by 1/n then sum, exactly as DDP does."""
-    out = bucket.detach().reshape(-1).float().mul(1.0 / world)
-    dist.all_reduce(out, group=group)
-    return out
-
-
 class GroupedAggregator:
-    def __init__(self, plan: dict, rank: int, model: nn.Module, units: list[UnitSpec], compressor=None,
-                 sync_every: int | None = None, device: torch.device | None = None):
+    def __init__(self, plan: dict, rank: int, model: nn.Module, units: list[UnitSpec],
+                 compressor: Compressor | None = None, sync_every: int | None = None,
+                 device: torch.device | None = None):
         self.rank, self.world = rank, dist.get_world_size()
-        self.compressor = compressor
+        self.compressor = compressor or make_compressor(None)  # none = the plain DDP average
         self.sync_every = int(sync_every or plan.get("sync_every") or 1)
         if self.sync_every < 1:
             raise ValueError(f"sync_every must be at least 1, got {self.sync_every}")
@@ -114,8 +109,7 @@ class GroupedAggregator:
         groups = []
         for g in plan["groups"]:
             ranks = sorted(int(r) for r in g["ranks"])
-            grp = Group(int(g["id"]), g["op"], ranks, int(g["root"]), [int(r) for r in g.get("receivers", [])],
-                        [int(u) for u in g["units"]])
+            grp = Group(int(g["id"]), g["op"], ranks, int(g["root"]), [int(u) for u in g["units"]])
             if grp.op not in ("allreduce", "broadcast"):
                 raise ValueError(f"plan group {grp.id}: unknown op {grp.op!r}")
             if len(ranks) > 1 and ranks != list(range(self.world)):
@@ -172,9 +166,8 @@ class GroupedAggregator:
             _sync(self.device)
             t0 = time.perf_counter()
             flat = _flatten_dense_tensors(bucket_grads)
-            before = self._comp_snapshot()
-            reduce = self.compressor.reduce if self.compressor is not None else dense_average
-            avg = reduce(flat, g.pg, g.size, key).to(flat.dtype)
+            before = self.compressor.stats.snapshot()
+            avg = self.compressor.reduce(flat, g.pg, g.size, key).to(flat.dtype)
             for t, v in zip(bucket_grads, _unflatten_dense_tensors(avg, bucket_grads)):
                 t.copy_(v)
             _sync(self.device)
@@ -197,17 +190,11 @@ class GroupedAggregator:
             self._count(1000 * (time.perf_counter() - t0), sent, recv, sent)
 
     # --- accounting ------------------------------------------------------------------------
-    def _comp_snapshot(self):
-        return self.compressor.stats.snapshot() if self.compressor is not None else None
-
     def _count_reduce(self, flat: Tensor, n: int, before, ms: float) -> None:
         ring = 2 * (n - 1) / n
         dense = ring * flat.numel() * 4
-        if self.compressor is None:
-            moved = ring * flat.numel() * flat.element_size()
-        else:
-            delta = self.compressor.stats.snapshot().since(before)
-            moved = ring * delta.sent_bytes if self.compressor.dense else (n - 1) * delta.wire_bytes
+        delta = self.compressor.stats.snapshot().since(before)
+        moved = ring * delta.sent_bytes if self.compressor.dense else (n - 1) * delta.wire_bytes
         self._count(ms, moved, moved, dense)
 
     def _count(self, ms: float, sent: float, recv: float, dense: float) -> None:
@@ -221,32 +208,15 @@ class GroupedAggregator:
     def report(self) -> dict:
         """Per-step averages over the steps so far (status.json / summary.json keys)."""
         n = max(self.steps, 1)
-        t = self.totals
-        out = {"agg_ms_per_step": t.ms / n, "bytes_sent_per_step": t.sent / n, "bytes_recv_per_step": t.recv / n,
-               "bytes_per_step": t.sent / n, "dense_bytes_per_step": t.dense / n,
-               "compression_ratio": 1.0, "compress_ms_per_step": 0.0}
-        if self.compressor is not None:
-            snap = self.compressor.stats.snapshot()
-            out["compression_ratio"] = snap.ratio
-            out["compress_ms_per_step"] = snap.compress_ms / n
-        return out
+        t, snap = self.totals, self.compressor.stats.snapshot()
+        return {"agg_ms_per_step": t.ms / n, "bytes_sent_per_step": t.sent / n, "bytes_recv_per_step": t.recv / n,
+                "bytes_per_step": t.sent / n, "dense_bytes_per_step": t.dense / n,
+                "compression_ratio": snap.ratio, "compress_ms_per_step": snap.compress_ms / n}
 
     # --- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Compression residuals (error feedback must survive a resume)."""
-        c = self.compressor
-        if c is None:
-            return {}
-        if hasattr(c, "state_dict"):
-            return {"compressor": c.state_dict()}
-        return {"residuals": {k: v.detach().cpu() for k, v in getattr(c, "_memory", {}).items()}}
+        return {"compressor": self.compressor.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        c = self.compressor
-        if c is None or not state:
-            return
-        if "compressor" in state and hasattr(c, "load_state_dict"):
-            c.load_state_dict(state["compressor"])
-        elif "residuals" in state and hasattr(c, "_memory"):
-            dev = self.device or torch.device("cpu")
-            c._memory.update({k: v.to(dev) for k, v in state["residuals"].items()})
+        self.compressor.load_state_dict(state["compressor"])

@@ -9,22 +9,17 @@ one before is kept as `previous.pt`, so the ranks can agree on a step they all h
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 
 import torch
+
+from dsparse_cli.contract import plan_hash  # noqa: F401  (the hash a checkpoint carries)
 
 FORMAT_VERSION = 1
 
 
 class CheckpointError(Exception):
     """A checkpoint cannot be used; the message says why and what to do."""
-
-
-def plan_hash(plan: dict) -> str:
-    """The same hash the launcher records for a job (sha256 of the sorted JSON, 16 hex)."""
-    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def checkpoint_path(workdir: str) -> str:

@@ -1,8 +1,8 @@
 """`status.json`: what a worker tells `dsparse status` / the follower about itself.
 
-Written atomically (tmp file + `os.replace`) so a reader never sees half a file; at most every
-`interval` seconds while running, and at once on every state change. `time` is the board's own
-clock (the reader compares it with the board's clock, so skew between machines does not matter).
+The document is `contract.HeartbeatDoc`. Written atomically (tmp file + `os.replace`) so a reader
+never sees half a file; at most every `interval` seconds while running, and at once on every
+state change.
 """
 
 from __future__ import annotations
@@ -12,13 +12,10 @@ import os
 import threading
 import time
 
-STATES = ("starting", "running", "finished", "failed", "stopped")
-KEYS = ("job", "rank", "name", "state", "epoch", "epochs", "step", "steps_per_epoch", "loss", "accuracy",
-        "samples_per_s", "peak_memory_bytes", "base_memory_bytes", "agg_ms_per_step", "bytes_sent_per_step",
-        "bytes_recv_per_step", "bytes_per_step", "dense_bytes_per_step", "compression_ratio",
-        "compress_ms_per_step", "updated_units", "pid", "time", "error")
-# Beyond the contract: whole-process peak, steps done over all epochs and the run's total.
-EXTRA_KEYS = ("peak_process_bytes", "global_step", "total_steps")
+from dsparse_cli.contract import (HEARTBEAT_EXTRA_KEYS, HEARTBEAT_KEYS, WORKER_TRANSITIONS, HeartbeatDoc,
+                                  JobSpec, WorkerState, check_transition)
+
+KEYS = HEARTBEAT_KEYS
 
 
 def write_json_atomic(path: str, doc: dict) -> None:
@@ -31,15 +28,18 @@ def write_json_atomic(path: str, doc: dict) -> None:
 
 
 class Heartbeat:
-    def __init__(self, workdir: str, job_id: str, rank: int, name: str, interval: float = 2.0):
+    def __init__(self, workdir: str, job_id: str, rank: int, name: str, interval: float = JobSpec.heartbeat_s):
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, "status.json")
         self.interval = float(interval)
-        self.doc: dict = {k: None for k in KEYS + EXTRA_KEYS}
-        self.doc.update(job=job_id, rank=rank, name=name, state="starting", pid=os.getpid())
+        self.record = HeartbeatDoc(job=job_id, rank=rank, name=name, pid=os.getpid())
         self._last_write = float("-inf")
         self._lock = threading.Lock()  # the stop watchdog may write from its own thread
         self.write()
+
+    @property
+    def state(self) -> str:
+        return self.record.state
 
     def due(self) -> bool:
         """Whether `update` would write now even without a state change."""
@@ -47,24 +47,31 @@ class Heartbeat:
 
     def update(self, **fields) -> bool:
         """Merge `fields`; write if the state changed or `interval` has passed. -> written?"""
-        unknown = set(fields) - set(self.doc)
-        if unknown:
-            raise KeyError(f"unknown heartbeat keys: {sorted(unknown)}")
-        changed = "state" in fields and fields["state"] != self.doc["state"]
-        self.doc.update(fields)
+        changed = "state" in fields and fields["state"] != self.record.state
+        self._merge(fields)
         if changed or self.due():
             self.write()
             return True
         return False
 
     def set_state(self, state: str, error: str | None = None, **fields) -> None:
-        if state not in STATES:
-            raise ValueError(f"unknown worker state {state!r}")
-        self.doc.update(fields, state=state, error=error)
+        self._merge({**fields, "state": state, "error": error})
         self.write()
+
+    def _merge(self, fields: dict) -> None:
+        unknown = set(fields) - set(HEARTBEAT_KEYS) - set(HEARTBEAT_EXTRA_KEYS)
+        if unknown:
+            raise KeyError(f"unknown heartbeat keys: {sorted(unknown)}")
+        if "state" in fields:
+            if fields["state"] not in {s.value for s in WorkerState}:
+                raise ValueError(f"unknown worker state {fields['state']!r}")
+            check_transition(WORKER_TRANSITIONS, self.record.state, fields["state"])
+            fields["state"] = str(fields["state"])
+        for key, value in fields.items():
+            setattr(self.record, key, value)
 
     def write(self) -> None:
         with self._lock:
-            self.doc["time"] = time.time()
-            write_json_atomic(self.path, self.doc)
+            self.record.time = time.time()
+            write_json_atomic(self.path, self.record.to_dict())
             self._last_write = time.monotonic()

@@ -8,137 +8,48 @@ the board's index in the plan's `devices`. The worker applies the plan for its r
 shard with grouped aggregation, evaluates at each epoch end (every rank evaluates a slice of the
 test set on the synchronised model; the accuracy is the all-reduced total, so every board reports
 the same number), checkpoints, heartbeats to `status.json` and writes `summary.json` at the end.
-
-Learning rate: cosine decay from `lr` to 0 over the run's total steps (job `lr_schedule`:
-"cosine" default, "step" = x0.1 at 50 % and 75 %, "constant"), computed from the global step so
-a resumed run follows exactly the same schedule.
-
-Stopping (SIGTERM/SIGINT): the stop request is agreed by all ranks at a step boundary (a 1-element
-all_reduce per step), so every rank checkpoints the same step, then exits 143. If this rank does
-not reach a step boundary within `stop_grace_s` (blocked in a collective whose peer is gone), a
-watchdog thread exits 143 without touching the checkpoints: the last one on disk stays valid.
+The job file's `resume` key makes it continue from its checkpoints. The plan checks and the
+learning-rate schedule are in job_setup.py, SIGTERM/SIGINT handling in stopping.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import signal
 import sys
-import threading
 import time
 import traceback
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from dsparse_cli.contract import JobSpec, WorkerState
 from dsparse_cli.runtime import checkpoint as ckpt
 from dsparse_cli.runtime import data as datamod
 from dsparse_cli.runtime.aggregate import GroupedAggregator, broadcast_module
-from dsparse_cli.runtime.compress import make_compressor
 from dsparse_cli.runtime.heartbeat import Heartbeat, write_json_atomic
+from dsparse_cli.runtime.job_setup import (WorkerError, check_plan, check_units, compressor_for_job,
+                                           init_distributed, lr_at, read_job)
 from dsparse_cli.runtime.memory import MemoryMeter
 from dsparse_cli.runtime.models import build_model, units_from_plan
 from dsparse_cli.runtime.sparse import apply_plan, make_optimizer, set_train_mode
-
-EXIT_STOPPED = 143
-JOB_DEFAULTS = {
-    "id": "job", "dataset": "digits", "data_dir": None, "download": False, "epochs": 1, "max_steps": None,
-    "batch_size": 64, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0, "optimizer": "sgd-momentum", "seed": 0,
-    "sync_every": None, "compression": {"name": "none"}, "backend": "gloo", "collective_timeout_s": 120,
-    "heartbeat_s": 2.0, "checkpoint_every_steps": None, "resume": False, "workdir": None, "eval": True,
-    # beyond the launcher's contract; all optional
-    "lr_schedule": "cosine", "log_every_steps": 10, "stop_grace_s": 8.0, "synthetic_samples": None,
-}
-
-
-class WorkerError(Exception):
-    """A problem with the plan, job or environment; one line that says what to fix."""
-
-
-class Stopped(Exception):
-    """Raised at a step boundary once all ranks agreed to stop (after the checkpoint)."""
-
-
-# --- signals -----------------------------------------------------------------------------
-class StopControl:
-    """A stop request. `requested` is set by a signal (via the watchdog) or by tests."""
-
-    def __init__(self):
-        self.requested = threading.Event()
-        self.done = threading.Event()  # the main thread handled the stop (or finished)
-        self.save_lock = threading.Lock()  # held while a checkpoint is being written
-        self.reason = "stop requested"
-
-
-class SignalWatch:
-    """Turns SIGTERM/SIGINT into a stop request even while the main thread sits in a collective.
-
-    Python runs signal handlers only between bytecodes of the main thread, which a blocked
-    collective never reaches; the C-level handler still writes the signal number to the wakeup
-    fd, which a watchdog thread reads."""
-
-    def __init__(self, stop: StopControl, grace_s: float, on_stuck):
-        self.stop, self.grace_s, self.on_stuck = stop, grace_s, on_stuck
-        r, w = os.pipe()
-        os.set_blocking(w, False)
-        signal.set_wakeup_fd(w)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handler)
-        threading.Thread(target=self._watch, args=(r,), daemon=True, name="stop-watchdog").start()
-
-    def _handler(self, signum, frame) -> None:
-        self._request(signum)
-
-    def _request(self, signum: int) -> None:
-        self.stop.reason = f"stopped by {signal.Signals(signum).name}"
-        self.stop.requested.set()
-
-    def _watch(self, fd: int) -> None:
-        while True:
-            data = os.read(fd, 1)
-            if not data:
-                return
-            if data[0] in (signal.SIGTERM, signal.SIGINT):
-                break
-        self._request(data[0])
-        if self.stop.done.wait(self.grace_s):
-            return
-        with self.stop.save_lock:  # never cut a checkpoint write in half
-            try:
-                self.on_stuck()
-            finally:
-                os._exit(EXIT_STOPPED)
-
-
-# --- schedule ----------------------------------------------------------------------------
-def lr_at(schedule: str, base: float, step: int, total: int) -> float:
-    if schedule == "constant" or total <= 0:
-        return base
-    if schedule == "cosine":
-        return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-    if schedule == "step":
-        return base * (0.1 ** ((step >= total * 0.5) + (step >= total * 0.75)))
-    raise WorkerError(f"unknown lr_schedule {schedule!r}; choose cosine, step or constant")
-
+from dsparse_cli.runtime.stopping import EXIT_STOPPED, SignalWatch, StopControl, Stopped, agree_stop
 
 # --- the trainer -------------------------------------------------------------------------
 class Trainer:
     def __init__(self, plan: dict, job: dict, rank: int, world: int, *, heartbeat: Heartbeat | None = None,
                  stop: StopControl | None = None, device: torch.device | None = None):
-        self.plan, self.job = plan, {**JOB_DEFAULTS, **job}
+        self.plan, self.job = plan, job if isinstance(job, JobSpec) else read_job(job)
         self.rank, self.world = rank, world
         self.device = device or torch.device("cpu")
-        self.workdir = self.job["workdir"] or "."
+        self.workdir = self.job.workdir or "."
         self.device_entry = check_plan(plan, rank, world)
         self.updated = [int(u) for u in self.device_entry["units"]]
         self.trained_elsewhere = sorted({int(u) for d in plan["devices"] for u in d["units"]} - set(self.updated))
-        self.hb = heartbeat or Heartbeat(self.workdir, self.job["id"], rank, self.device_entry["name"],
-                                         self.job["heartbeat_s"])
+        self.hb = heartbeat or Heartbeat(self.workdir, self.job.id, rank, self.device_entry["name"],
+                                         self.job.heartbeat_s)
         self.stop = stop or StopControl()
         self.on_step = None  # tests: called as on_step(trainer) after every step
         self.plan_hash = ckpt.plan_hash(plan)
@@ -155,32 +66,32 @@ class Trainer:
         if getattr(self, "model", None) is not None:
             return
         job, plan = self.job, self.plan
-        seed = int(job["seed"])
+        seed = job.seed
         torch.manual_seed(seed)  # the same initial model on every rank
         self.model = build_model(plan["model"], int(plan.get("num_classes", 10))).to(self.device)
         self.units = units_from_plan(plan)
         check_units(self.model, self.units)
         torch.manual_seed(seed + 1 + self.rank)  # per-rank stream (dropout), after the shared init
         params = apply_plan(self.model, self.units, self.updated)
-        self.compressor = make_compressor_or_none(compression_spec(job))
+        self.compressor = compressor_for_job(job)
         self.optimizer = self._optimizer(params)
-        self.data = datamod.load_dataset(job["dataset"], data_dir=job["data_dir"], download=job["download"],
+        self.data = datamod.load_dataset(job.dataset, data_dir=job.data_dir, download=job.download,
                                          image_size=int(plan.get("image_size", 32)), seed=seed,
-                                         synthetic_samples=job["synthetic_samples"], workdir=self.workdir)
+                                         synthetic_samples=job.synthetic_samples, workdir=self.workdir)
         if self.data.num_classes > int(plan.get("num_classes", 10)):
-            raise WorkerError(f"dataset {job['dataset']} has {self.data.num_classes} classes but the plan's model "
+            raise WorkerError(f"dataset {job.dataset} has {self.data.num_classes} classes but the plan's model "
                               f"has {plan.get('num_classes')} outputs; re-plan with --num-classes")
-        self.batch_size = int(job["batch_size"])
+        self.batch_size = job.batch_size
         self.spe = datamod.steps_per_epoch(self.data.train.size, self.world, self.batch_size)
         if self.spe < 1:
-            raise WorkerError(f"dataset {job['dataset']} has {self.data.train.size} training samples: too few for "
+            raise WorkerError(f"dataset {job.dataset} has {self.data.train.size} training samples: too few for "
                               f"{self.world} boards at batch size {self.batch_size}; lower --batch-size")
-        self.total_steps = self.spe * int(job["epochs"])
-        if job["max_steps"]:
-            self.total_steps = min(self.total_steps, int(job["max_steps"]))
+        self.total_steps = self.spe * job.epochs
+        if job.max_steps:
+            self.total_steps = min(self.total_steps, job.max_steps)
         self.agg = GroupedAggregator(plan, self.rank, self.model, self.units, self.compressor,
-                                     sync_every=job["sync_every"] or plan.get("sync_every"), device=self.device)
-        if job["resume"]:
+                                     sync_every=job.sync_every or plan.get("sync_every"), device=self.device)
+        if job.resume:
             self._resume()
         else:
             broadcast_module(self.model, src=0)
@@ -189,15 +100,15 @@ class Trainer:
     def _optimizer(self, params):
         if not params:
             return None
-        name, momentum = self.job["optimizer"], float(self.job["momentum"])
-        if self.compressor is not None and getattr(self.compressor, "momentum", 0.0) > 0 and name == "sgd-momentum":
+        name, momentum = self.job.optimizer, float(self.job.momentum)
+        if self.compressor.momentum > 0 and name == "sgd-momentum":
             name = "sgd"  # the compressor applies momentum itself (DGC momentum correction)
             self.log(f"compression {self.compressor.name} applies momentum: optimizer runs plain sgd")
-        return make_optimizer(name, params, float(self.job["lr"]), momentum, float(self.job["weight_decay"]))
+        return make_optimizer(name, params, float(self.job.lr), momentum, float(self.job.weight_decay))
 
     # --- checkpoints -----------------------------------------------------------------------
     def state(self) -> dict:
-        return {"plan_hash": self.plan_hash, "rank": self.rank, "job": self.job["id"],
+        return {"plan_hash": self.plan_hash, "rank": self.rank, "job": self.job.id,
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict() if self.optimizer else None,
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
@@ -247,8 +158,8 @@ class Trainer:
         t_start = time.time()
         self.setup()
         self.meter.mark_base()
-        self.beat("running", force=True)
-        epochs = int(self.job["epochs"])
+        self.beat(WorkerState.RUNNING, force=True)
+        epochs = self.job.epochs
         while self.epoch < epochs and self.global_step < self.total_steps:
             self._train_epoch()
             if self.step_in_epoch >= self.spe or self.global_step >= self.total_steps:
@@ -256,13 +167,13 @@ class Trainer:
         summary = self.summary(time.time() - t_start)
         write_json_atomic(os.path.join(self.workdir, "summary.json"), summary)
         self.stop.done.set()
-        self.beat("finished", force=True)
+        self.beat(WorkerState.FINISHED, force=True)
         return summary
 
     def _train_epoch(self) -> None:
         set_train_mode(self.model, self.units, self.updated, self.trained_elsewhere)
         window: list[float] = []
-        batches = datamod.batches_for(self.data, self.rank, self.world, self.epoch, int(self.job["seed"]),
+        batches = datamod.batches_for(self.data, self.rank, self.world, self.epoch, self.job.seed,
                                       self.batch_size, start=self.step_in_epoch)
         for x, y in batches:
             if self.global_step >= self.total_steps:
@@ -277,35 +188,26 @@ class Trainer:
             self._after_step(window)
 
     def _after_step(self, window: list[float]) -> None:
-        every = self.job["checkpoint_every_steps"]
+        every = self.job.checkpoint_every_steps
         saved = bool(every) and self.global_step % int(every) == 0
         if saved:
             self.save()
         if self.on_step is not None:
             self.on_step(self)
-        every_log = int(self.job["log_every_steps"] or 10)
+        every_log = int(self.job.log_every_steps or 10)
         if self.global_step % every_log == 0 or self.step_in_epoch == self.spe or self.global_step == self.total_steps:
-            self.log(f"epoch {self.epoch + 1}/{self.job['epochs']} step {self.step_in_epoch}/{self.spe} "
+            self.log(f"epoch {self.epoch + 1}/{self.job.epochs} step {self.step_in_epoch}/{self.spe} "
                      f"loss {sum(window) / len(window):.4f} lr {self._lr(self.global_step - 1):.4g}")
             window.clear()
-        self.beat("running")
-        if self._agree_stop():
+        self.beat(WorkerState.RUNNING)
+        if agree_stop(self.stop, self.device):
             if not saved:
                 self.save()
             self.stop.done.set()
             raise Stopped(f"{self.stop.reason} at step {self.global_step}; checkpoint saved")
 
-    def _agree_stop(self) -> bool:
-        """All ranks stop at the same step, so their checkpoints match."""
-        mine = self.stop.requested.is_set()
-        flag = torch.tensor([1 if mine else 0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and not mine:
-            self.stop.reason = "stopped because another board was stopped"
-        return bool(flag.item())
-
     def _lr(self, step: int) -> float:
-        return lr_at(self.job["lr_schedule"], float(self.job["lr"]), step, self.total_steps)
+        return lr_at(self.job.lr_schedule, float(self.job.lr), step, self.total_steps)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> float:
         self.agg.before_forward()
@@ -327,14 +229,14 @@ class Trainer:
         return float(loss.detach())
 
     def _end_epoch(self) -> None:
-        if self.job["eval"]:
+        if self.job.eval:
             self.accuracy = self.evaluate()
             self.log(f"epoch {self.epoch + 1} accuracy {self.accuracy:.4f}")
         self.history.append({"epoch": self.epoch + 1, "global_step": self.global_step, "accuracy": self.accuracy})
         if self.step_in_epoch >= self.spe:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self.save()
-        self.beat("running", force=True)
+        self.beat(WorkerState.RUNNING, force=True)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -347,7 +249,7 @@ class Trainer:
             pred = self.model(x.to(self.device)).argmax(dim=1)
             correct += int((pred.cpu() == y).sum())
             total += len(y)
-            self.beat("running")
+            self.beat(WorkerState.RUNNING)
         counts = torch.tensor([correct, total], dtype=torch.int64, device=self.device)
         dist.all_reduce(counts)
         set_train_mode(self.model, self.units, self.updated, self.trained_elsewhere)
@@ -357,7 +259,7 @@ class Trainer:
     def metrics(self) -> dict:
         steps_here = self.global_step - (self.resumed_from or 0)
         rate = steps_here * self.batch_size / self.train_time if self.train_time > 0 else None
-        out = {"epoch": min(self.epoch + 1, int(self.job["epochs"])), "epochs": int(self.job["epochs"]),
+        out = {"epoch": min(self.epoch + 1, self.job.epochs), "epochs": self.job.epochs,
                "step": self.step_in_epoch, "steps_per_epoch": self.spe, "accuracy": self.accuracy,
                "samples_per_s": rate, "updated_units": self.updated, "global_step": self.global_step,
                "total_steps": self.total_steps}
@@ -366,7 +268,7 @@ class Trainer:
         return out
 
     def beat(self, state: str, force: bool = False) -> None:
-        if not force and state == self.hb.doc["state"] and not self.hb.due():
+        if not force and state == self.hb.state and not self.hb.due():
             return  # nothing would be written: skip gathering the metrics
         fields = self.metrics()
         if self._last_loss is not None:
@@ -377,79 +279,17 @@ class Trainer:
             self.hb.update(state=state, **fields)
 
     def summary(self, wall_s: float) -> dict:
-        doc = {"job": self.job["id"], "rank": self.rank, "name": self.device_entry["name"], "state": "finished",
-               "dataset": self.job["dataset"], "model": self.plan["model"], "world": self.world,
+        doc = {"job": self.job.id, "rank": self.rank, "name": self.device_entry["name"], "state": WorkerState.FINISHED.value,
+               "dataset": self.job.dataset, "model": self.plan["model"], "world": self.world,
                "steps": self.global_step, "wall_s": wall_s, "train_s": self.train_time,
                "resumed_from_step": self.resumed_from, "history": self.history,
-               "compression": self.job["compression"], "sync_every": self.agg.sync_every}
+               "compression": self.job.compression, "sync_every": self.agg.sync_every}
         doc.update(self.metrics())
-        if self.compressor is not None and hasattr(self.compressor, "report"):
-            doc["compressor"] = self.compressor.report()
+        doc["compressor"] = self.compressor.report()
         return doc
 
     def log(self, msg: str) -> None:
         print(f"[{self.device_entry['name']} rank {self.rank}] {msg}", flush=True)
-
-
-# --- helpers -----------------------------------------------------------------------------
-def check_plan(plan: dict, rank: int, world: int) -> dict:
-    devices = plan.get("devices") or []
-    if len(devices) != world:
-        raise WorkerError(f"the plan has {len(devices)} devices but torchrun started {world} ranks; "
-                          "launch one node per plan device")
-    if not 0 <= rank < world:
-        raise WorkerError(f"rank {rank} outside 0..{world - 1}")
-    entry = devices[rank]
-    if int(entry.get("rank", rank)) != rank:
-        raise WorkerError(f"plan device {entry.get('name')} is listed at index {rank} with rank {entry.get('rank')}")
-    return entry
-
-
-def check_units(model, units) -> None:
-    names = {n for n, _ in model.named_modules()}
-    for u in units:
-        missing = [m for m in u.modules if m not in names]
-        if missing:
-            raise WorkerError(f"plan unit {u.index} ({u.name}) names modules the model lacks: {missing[:3]}; "
-                              "the plan was made for another model version: re-run `dsparse plan`")
-
-
-SELF_MOMENTUM = ("topk", "pbgc")  # compressors that apply (DGC-style) momentum themselves
-
-
-def compression_spec(job: dict) -> dict:
-    """The job's compression spec, with the momentum the user asked for: topk/pbgc apply momentum
-    before selecting values (momentum correction), so they take the job's momentum for
-    sgd-momentum and none for sgd or adam; the optimizer then runs without it (see _optimizer)."""
-    spec = dict(job.get("compression") or {"name": "none"})
-    if spec.get("name") in SELF_MOMENTUM and spec.get("momentum") is None:
-        spec["momentum"] = float(job["momentum"]) if job["optimizer"] == "sgd-momentum" else 0.0
-    return spec
-
-
-def make_compressor_or_none(spec: dict | None):
-    """The compressor for the job's `compression` spec (the aggregator's dense path when None)."""
-    try:
-        return make_compressor(spec or {"name": "none"})
-    except ValueError as exc:
-        raise WorkerError(str(exc)) from None
-
-
-def init_distributed(job: dict, rank: int, world: int) -> torch.device:
-    backend = job.get("backend") or "gloo"
-    device = torch.device("cpu")
-    if backend == "nccl":
-        if torch.cuda.is_available():
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        else:
-            print("warning: backend nccl asked for but CUDA is not available: using gloo", flush=True)
-            backend = "gloo"
-    elif backend != "gloo":
-        raise WorkerError(f"unknown backend {backend!r}; choose gloo or nccl")
-    timeout = timedelta(seconds=float(job.get("collective_timeout_s") or 120))
-    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout)
-    return device
 
 
 def _one_line(exc: BaseException) -> str:
@@ -460,8 +300,7 @@ def _one_line(exc: BaseException) -> str:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="dsparse_cli.runtime.worker")
     p.add_argument("--plan", required=True)
-    p.add_argument("--job", required=True)
-    p.add_argument("--resume", action="store_true", help="continue from checkpoints/latest.pt")
+    p.add_argument("--job", required=True)  # its `resume` key drives resume
     return p.parse_args(argv)
 
 
@@ -477,38 +316,37 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     try:
-        plan, job = _read_json(args.plan, "plan"), _read_json(args.job, "job")
-        job = {**JOB_DEFAULTS, **job, "resume": bool(job.get("resume")) or args.resume}
-        job["workdir"] = job["workdir"] or os.path.dirname(os.path.abspath(args.job))
+        plan, job = _read_json(args.plan, "plan"), read_job(_read_json(args.job, "job"))
+        job.workdir = job.workdir or os.path.dirname(os.path.abspath(args.job))
         entry = check_plan(plan, rank, world)
     except WorkerError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
-    hb = Heartbeat(job["workdir"], job["id"], rank, entry["name"], float(job["heartbeat_s"]))
+    hb = Heartbeat(job.workdir, job.id, rank, entry["name"], job.heartbeat_s)
     stop = StopControl()
 
     def on_stuck():
-        hb.set_state("stopped", error=f"{stop.reason} before reaching a step boundary (blocked in a collective "
+        hb.set_state(WorkerState.STOPPED, error=f"{stop.reason} before reaching a step boundary (blocked in a collective "
                                       "or still starting); last checkpoint kept")
 
-    SignalWatch(stop, float(job["stop_grace_s"]), on_stuck)
+    SignalWatch(stop, job.stop_grace_s, on_stuck)
     try:
         device = init_distributed(job, rank, world)
         Trainer(plan, job, rank, world, heartbeat=hb, stop=stop, device=device).run()
         return 0
     except Stopped as exc:
-        hb.set_state("stopped", error=str(exc))
+        hb.set_state(WorkerState.STOPPED, error=str(exc))
         print(str(exc), flush=True)
         return EXIT_STOPPED
     except (WorkerError, datamod.DataError, ckpt.CheckpointError) as exc:
         stop.done.set()
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        hb.set_state("failed", error=str(exc))
+        hb.set_state(WorkerState.FAILED, error=str(exc))
         return 1
     except Exception as exc:
         stop.done.set()
         traceback.print_exc()
-        hb.set_state("failed", error=_one_line(exc))
+        hb.set_state(WorkerState.FAILED, error=_one_line(exc))
         return 1
     finally:
         if dist.is_initialized():

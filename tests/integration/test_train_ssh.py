@@ -370,11 +370,12 @@ def test_refused_before_anything_starts(cluster, tmp_path, case, code):
 def test_inventory_iface_overrides_probe(cluster):
     """The probe's interface is used unless the inventory names one (no process needed)."""
     from dsparse_cli.inventory import load_inventory
+    from dsparse_cli.contract import Plan
     from dsparse_cli.jobs.launch import probe_ifaces, worker_env
 
     inv = load_inventory(cluster.dir / "cluster.yaml")
     plan = json.loads((cluster.dir / ".dsparse" / "plan.json").read_text())
-    ifaces = probe_ifaces(inv, plan)
+    ifaces = probe_ifaces(inv, Plan.from_dict(plan))
     assert ifaces == {n: "lo" for n in BOARDS}
     b0 = inv.board("b0")
     assert worker_env(b0, inv, "/pkg", ifaces["b0"])["GLOO_SOCKET_IFNAME"] == "lo"

@@ -101,7 +101,7 @@ def test_byte_accounting_follows_the_documented_model(nested):
 
 
 def _builtin_average(rank, world, tmp):
-    """compressor=None (the built-in dense path): gradients become the exact mean over the group."""
+    """No compressor given (the "none" compressor): gradients become the exact mean over the group."""
     torch.manual_seed(0)
     model = build_model("tiny_cnn")
     plan = make_plan(NESTED)

@@ -161,6 +161,7 @@ def test_torch_timeout_reports_null_and_warns(tmp_path):
     out = run_script(["--workdir", str(tmp_path), "--torch-timeout", "0.01"])
     assert out["torch"] is None and out["torchvision"] is None and out["cuda"] is False
     assert any("did not finish within 0.01s" in w for w in out["warnings"])
+    assert out["torch_timed_out"] is True
 
 
 OLD_PYTHONS = [p for p in (os.path.expanduser(f"~/.pyenv/versions/{v}/bin/python3")

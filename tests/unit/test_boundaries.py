@@ -12,6 +12,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[2] / "dsparse_cli"
 STDLIB = set(sys.stdlib_module_names)
+SHIPPED = ("dsparse_cli.runtime", "dsparse_cli.contract")   # what the launcher copies to boards
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -29,9 +30,17 @@ def test_runtime_imports_only_torch_torchvision_stdlib(path):
     for name in imported_modules(path):
         top = name.split(".")[0]
         if top == "dsparse_cli":
-            assert name.startswith("dsparse_cli.runtime"), f"{path.name} imports {name} (not shipped to boards)"
+            assert name.startswith(SHIPPED), f"{path.name} imports {name} (not shipped to boards)"
         else:
             assert top in STDLIB | {"torch", "torchvision", "__future__"}, f"{path.name} imports {name}"
+
+
+def test_contract_is_stdlib_only_and_shipped():
+    from dsparse_cli.jobs.launch import runtime_files
+
+    assert {name.split(".")[0] for name in imported_modules(PKG / "contract.py")} <= STDLIB | {"__future__"}
+    shipped = {rel for _, rel in runtime_files()}
+    assert "dsparse_cli/contract.py" in shipped and "dsparse_cli/runtime/worker.py" in shipped
 
 
 def test_board_script_is_stdlib_only():

@@ -33,10 +33,13 @@ def test_missing_cluster_file(tmp_path):
     assert "does not exist" in one_line_error(proc)
 
 
-def test_verbose_shows_traceback(tmp_path):
+@pytest.mark.parametrize("args", [("probe", "--cluster", "{path}", "-v"), ("-v", "probe", "--cluster", "{path}"),
+                                  ("--verbose", "-c", "{path}", "status")])
+def test_verbose_shows_traceback(tmp_path, args):
+    """-v and --cluster are the app's options: they work before the verb as well as after it."""
     path = tmp_path / "cluster.yaml"
     path.write_text("boards:\n  - {name: a}\n")
-    proc = run_cli("probe", "--cluster", str(path), "-v", cwd=tmp_path)
+    proc = run_cli(*(a.format(path=path) for a in args), cwd=tmp_path)
     assert proc.returncode == 2
     assert "Traceback" in proc.stderr and "has no host" in proc.stderr
 

@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 
 from dsparse_cli.errors import ConfigError
-from dsparse_cli.inventory import builtin_cluster, format_size, load_inventory, parse_size
+from dsparse_cli.inventory import builtin_cluster, load_inventory
+from dsparse_cli.render import unit_ranges
+from dsparse_cli.sizes import format_size, parse_size
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -31,6 +33,10 @@ def test_parse_size_rejects(bad):
 def test_format_size():
     assert format_size(1536 * 1024**2) == "1.5 GiB"
     assert format_size(None) == "-"
+
+
+def test_unit_ranges():
+    assert unit_ranges([3, 4, 5, 9]) == "3-5,9" and unit_ranges([0]) == "0" and unit_ranges([]) == "none"
 
 
 def test_defaults_inherited_and_overridden(tmp_path):
@@ -126,10 +132,12 @@ def test_missing_file(tmp_path):
 
 def test_master_follows_rank_0_when_the_plan_leaves_the_first_board_out(tmp_path):
     from dsparse_cli.errors import ConfigError
+    from dsparse_cli.contract import Plan, PlanDevice
     from dsparse_cli.jobs.launch import settle_master
 
     boards = "boards:\n  - {name: a, host: 10.1.1.1}\n  - {name: b, host: 10.1.1.2}\n  - {name: c, host: 10.1.1.3}\n"
-    plan = {"devices": [{"name": "b", "rank": 0}, {"name": "c", "rank": 1}]}   # a excluded as too small
+    plan = Plan("m", 10, 32, 8, "sgd", units=[], groups=[],
+                devices=[PlanDevice("b", 0, []), PlanDevice("c", 1, [])])   # a excluded as too small
     inv = load_inventory(write(tmp_path, boards))
     assert inv.master_addr == "10.1.1.1" and not inv.master_explicit
     settle_master(inv, plan)

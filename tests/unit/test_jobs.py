@@ -135,3 +135,31 @@ def test_blame_prefers_a_root_cause_over_peer_errors_and_the_silent_board_over_i
     assert f.failure(rows)["name"] == "b2"
     # Only peer errors, every board answering: the first of them.
     assert f.failure([_row("b0", "running"), _row("b1", "failed", peer), _row("b2", "failed", peer)])["name"] == "b1"
+
+
+def test_board_table_follower_budgets_and_status_title():
+    """The follower's live table takes budgets from the plan; `status` from its rows, under a title
+    that counts the boards in each state."""
+    from rich.console import Console
+
+    from dsparse_cli.render import board_table, status_table
+
+    rows = [{**_row("b0", "running"), "epoch": 1, "epochs": 2, "global_step": 3, "total_steps": 8,
+             "peak_process_bytes": 1024**3, "budget_bytes": 2 * 1024**3},
+            {**_row("b1", "failed", "boom"), "step": 4}, _row("b2", "failed")]
+    console = Console(width=200, record=True, no_color=True)
+    console.print(board_table("job j", rows, {"b0": 1536 * 1024**2}))
+    console.print(status_table({"job": "j", "state": "failed", "boards": rows}))
+    text = console.export_text()
+    assert "1.0 GiB / 1.5 GiB" in text and "1.0 GiB / 2.0 GiB" in text
+    assert "1/2" in text and "3/8" in text and "job j: failed (2 failed, 1 running)" in text
+
+
+def test_stopped_on_request_refreshes_the_record_state(tmp_path):
+    from dsparse_cli.jobs.status import stopped_on_request
+
+    rec = JobRecord("j", "c", None, "abc", "127.0.0.1", 29500, [])
+    records.save(tmp_path, rec)
+    assert not stopped_on_request(tmp_path, rec)
+    records.save(tmp_path, JobRecord("j", "c", None, "abc", "127.0.0.1", 29500, [], state="stopping"))
+    assert stopped_on_request(tmp_path, rec) and rec.state == "stopping"

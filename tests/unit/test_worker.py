@@ -152,15 +152,14 @@ def _env(**extra) -> dict:
             "GLOO_SOCKET_IFNAME": "lo", "TORCH_CPP_LOG_LEVEL": "ERROR", **extra}
 
 
-def _start_workers(tmp: Path, plan: dict, job: dict, world: int, *extra_args: str) -> list[subprocess.Popen]:
+def _start_workers(tmp: Path, plan: dict, job: dict, world: int) -> list[subprocess.Popen]:
     port = free_port()
     procs = []
     for rank in range(world):
         plan_path, job_path = _write(tmp, plan, job, rank)
         log = open(tmp / f"board{rank}" / "worker.log", "ab")
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "dsparse_cli.runtime.worker", "--plan", str(plan_path), "--job", str(job_path),
-             *extra_args],
+            [sys.executable, "-m", "dsparse_cli.runtime.worker", "--plan", str(plan_path), "--job", str(job_path)],
             env=_env(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     return procs
@@ -221,8 +220,8 @@ def test_sigterm_checkpoints_the_same_step_everywhere_then_resumes(tmp_path):
                                           ckpt.plan_hash(plan), r)["global_step"])
     assert steps[0] == steps[1] >= 3
 
-    job = make_job("", **{**LONG_JOB, "max_steps": steps[0] + 2})
-    procs = _start_workers(tmp_path, plan, job, 2, "--resume")
+    job = make_job("", **{**LONG_JOB, "max_steps": steps[0] + 2, "resume": True})  # as the launcher resumes
+    procs = _start_workers(tmp_path, plan, job, 2)
     try:
         rcs = [p.wait(timeout=120) for p in procs]
     finally:

@@ -1,4 +1,4 @@
-"""The compressor interface, its statistics, and `make_compressor`.
+"""The compressor interface and its statistics (the registry, `make_compressor`, is in __init__).
 
 A compressor turns one rank's bucket `g` (flat float32) into a `Payload`, keeping what it did
 not send in a per-key residual (error feedback: next time it compresses `g + residual`).
@@ -20,8 +20,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from dsparse_cli.runtime.compress.exchange import allgather_varlen
-
-NAMES = ("none", "fp16", "topk", "pbgc")
 
 
 @dataclass
@@ -171,10 +169,6 @@ class Compressor:
         if u is not None:
             u[idx] = 0
 
-    def reset(self) -> None:
-        self._memory.clear()
-        self._velocity.clear()
-
     # --- checkpoints: error feedback must survive a resume ---------------------------------
     def state_dict(self) -> dict:
         cpu = lambda d: {k: v.detach().cpu().clone() for k, v in d.items()}  # noqa: E731
@@ -255,8 +249,7 @@ class Compressor:
             buf = payload.data
             dist.all_reduce(buf, group=group)
             return buf, payload.nbytes
-        parts, wire = allgather_varlen(payload.data, group)
-        return parts, wire
+        return allgather_varlen(payload.data, group)
 
     def _finish(self, exchanged, payload: Payload, world: int) -> Tensor:
         if self.dense:
@@ -267,21 +260,3 @@ class Compressor:
                 self.accumulate_into(out, part)
         return out.mul_(1.0 / world)
 
-
-def make_compressor(spec: dict | None) -> Compressor:
-    """{"name": "none"|"fp16"|"topk"|"pbgc", <options>} -> Compressor; None means none.
-
-    Raises ValueError with one line for an unknown name or a bad option."""
-    from dsparse_cli.runtime.compress import fp16, none, pbgc, topk
-
-    if spec is None:
-        spec = {"name": "none"}
-    if not isinstance(spec, dict) or "name" not in spec:
-        raise ValueError(f"compression spec must be a mapping with a 'name' "
-                         f"({', '.join(NAMES)}), got {spec!r}")
-    classes = {c.name: c for c in (none.NoCompression, fp16.Fp16Compressor,
-                                   topk.TopKCompressor, pbgc.PBGCCompressor)}
-    name = spec["name"]
-    if name not in classes:
-        raise ValueError(f"unknown compression {name!r} (choose one of {', '.join(NAMES)})")
-    return classes[name](**{k: v for k, v in spec.items() if k != "name"})

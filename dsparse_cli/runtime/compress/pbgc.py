@@ -40,7 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dsparse_cli.runtime.compress import codec
+import dsparse_cli.runtime.compress.codec as codec
+from dsparse_cli.contract import COMPRESSOR_OPTIONS
 from dsparse_cli.runtime.compress.base import Compressor, Option, Payload
 from dsparse_cli.runtime.compress.regressor import QuantileRegressor
 from dsparse_cli.runtime.compress.select import Sampler, cap, passing, top_value
@@ -78,14 +79,17 @@ class _KeyState:
     step: int = 0
 
 
+DEFAULTS = COMPRESSOR_OPTIONS["pbgc"]
+
+
 class PBGCCompressor(Compressor):
     name = "pbgc"
     OPTIONS = {
-        "key_fraction": Option(0.002, float, 0.0, 0.5, lo_open=True),
+        "key_fraction": Option(DEFAULTS["key_fraction"], float, 0.0, 0.5, lo_open=True),
         "sparse_fraction": Option(0.01, float, 0.0, 1.0),
         "min_keep": Option(0.1, float, 0.0, 1.0),
-        "entropy_bins": Option(32, int, 2, 4096),
-        "warmup_steps": Option(20, int, 0, 10**9),
+        "entropy_bins": Option(DEFAULTS["entropy_bins"], int, 2, 4096),
+        "warmup_steps": Option(DEFAULTS["warmup_steps"], int, 0, 10**9),
         "refit_every": Option(4, int, 1, 10**9),
         "max_log_error": Option(0.5, float, 0.0, math.inf, lo_open=True),
         "sample_fraction": Option(0.01, float, 0.0, 1.0, lo_open=True),

@@ -15,19 +15,23 @@ import math
 import torch
 from torch import Tensor
 
-from dsparse_cli.runtime.compress import codec
+import dsparse_cli.runtime.compress.codec as codec
+from dsparse_cli.contract import COMPRESSOR_OPTIONS
 from dsparse_cli.runtime.compress.base import Compressor, Option, Payload
 from dsparse_cli.runtime.compress.select import Sampler, cap, passing, top_value
 
 SLACK = 1.25
 
 
+DEFAULTS = COMPRESSOR_OPTIONS["topk"]
+
+
 class TopKCompressor(Compressor):
     name = "topk"
     OPTIONS = {
-        "density": Option(0.01, float, 0.0, 1.0, lo_open=True),
+        "density": Option(DEFAULTS["density"], float, 0.0, 1.0, lo_open=True),
         "momentum": Option(0.9, float, 0.0, 1.0, hi_open=True),
-        "warmup_steps": Option(20, int, 0, 10**9),
+        "warmup_steps": Option(DEFAULTS["warmup_steps"], int, 0, 10**9),
         "warmup_density": Option(0.25, float, 0.0, 1.0, lo_open=True),
         "sample_fraction": Option(0.01, float, 0.0, 1.0, lo_open=True),
         "min_sample": Option(1024, int, 1, 10**9),

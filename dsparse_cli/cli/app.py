@@ -1,0 +1,84 @@
+"""The `dsparse` Typer app and what its commands share: options, loading the inventory, JSON output,
+and ending with an exit code. Command modules import this; it imports none of them."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
+
+import typer
+from typer.core import TyperGroup
+
+from dsparse_cli.console import info
+from dsparse_cli.inventory import Inventory, load_inventory
+
+# The app's own options, as parsed (one command per process); main() reads `verbose` after an error.
+options = SimpleNamespace(cluster=None, connect_timeout=10.0, verbose=False)
+
+
+class _App(TyperGroup):
+    """The app's own options are every command's too: `dsparse -v probe` and `dsparse probe -v`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for command in self.commands.values():
+            command.params.extend(self.params)
+
+
+app = typer.Typer(
+    cls=_App,
+    name="dsparse",
+    help="Train PyTorch models across heterogeneous edge boards with sparse updates.\n\n"
+    "Exit codes: 0 ok, 1 a board failed, 2 usage or configuration error, "
+    "3 the job failed to start or failed as a whole, 130 interrupted.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _keep(ctx: typer.Context, param: typer.CallbackParam, value) -> None:
+    """Keep an app option where it was given, before or after the verb (the other side has its default)."""
+    if ctx.get_parameter_source(param.name).name != "DEFAULT":
+        setattr(options, param.name, value)
+
+
+@app.callback()
+def _app_options(
+    cluster: Optional[Path] = typer.Option(
+        None, "--cluster", "-c", help="Inventory file (default ./cluster.yaml; built-in demo cluster if absent).",
+        dir_okay=False, callback=_keep, expose_value=False),
+    connect_timeout: float = typer.Option(options.connect_timeout, "--connect-timeout",
+                                          help="Seconds to wait for each board.", callback=_keep, expose_value=False),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors.",
+                                 callback=_keep, expose_value=False),
+) -> None:
+    """Declares the app's options; `_keep` stores them in `options` (they are never passed here)."""
+
+
+JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON to stdout.")
+AcceptNewOpt = typer.Option(False, "--accept-new-host-keys",
+                            help="Record host keys of boards not yet in ~/.ssh/known_hosts.")
+
+
+def done(code: int) -> None:
+    """End a command with an exit code (Typer's standalone mode ignores return values)."""
+    raise typer.Exit(code)
+
+
+def inventory(*, quiet: bool = False) -> Inventory:
+    """Load --cluster (or ./cluster.yaml); say so when falling back to the built-in demo cluster."""
+    inv = load_inventory(options.cluster)
+    if inv.builtin and not quiet:
+        info("no cluster.yaml here: using the built-in demo cluster of "
+             f"{len(inv.boards)} local simulated boards (see cluster.yaml.example)")
+    return inv
+
+
+def print_json(doc) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+    sys.stdout.flush()

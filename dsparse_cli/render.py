@@ -1,0 +1,142 @@
+"""Every table the commands show, built from plain documents (probe results, plan, board rows,
+job summary). Nothing here reads files or reaches boards; callers print what it returns."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Mapping
+
+from rich.console import Group
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from dsparse_cli.contract import BoardStatus
+from dsparse_cli.sizes import format_size
+
+_STATE_COLOURS = {BoardStatus.FINISHED: "green", BoardStatus.FAILED: "red", BoardStatus.STALE: "yellow",
+                  BoardStatus.UNREACHABLE: "red"}
+
+
+def _table(title: str, columns, **column) -> Table:
+    t = Table(title=title, title_justify="left")
+    for col in columns:
+        t.add_column(col, **column)
+    return t
+
+
+def probe_table(cluster: str, infos) -> Table:
+    t = _table(f"cluster {cluster}", ("board", "kind", "model", "arch", "cpus", "mem total", "available",
+                                      "cgroup limit", "usable", "torch", "address"), overflow="fold")
+    for i in infos:
+        if not i.ok:
+            t.add_row(f"[red]{i.name}[/]", f"[red]failed: {escape(i.error)}[/]", *[""] * 9)
+            continue
+        t.add_row(i.name, i.kind or "-", i.model or "-", i.arch or "-", str(i.cpus or "-"),
+                  format_size(i.mem_total_bytes), format_size(i.mem_available_bytes),
+                  format_size(i.cgroup_limit_bytes), f"[bold]{format_size(i.usable_memory_bytes)}[/]",
+                  i.torch or "[yellow]missing[/]", f"{i.address or '-'} ({i.iface or '-'})")
+    return t
+
+
+def plan_view(doc: dict) -> Group:
+    """The devices' table (with measured vs predicted after --verify), then the aggregation groups."""
+    names = {u["index"]: u["name"] for u in doc["units"]}
+    verify = any("measured_peak_bytes" in d for d in doc["devices"])
+    t = _table(f"plan: {doc['model']}, batch {doc['batch_size']}, {doc['optimizer']} ({len(doc['units'])} units)",
+               ("rank", "board", "budget", "predicted peak", "full-update peak", "training saving", "units updated")
+               + (("measured training / predicted",) if verify else ()))
+    for d in doc["devices"]:
+        full_t, pred_t = d.get("full_update_training_bytes"), d.get("predicted_training_bytes")
+        units = d["units"]
+        first = f" ({names[units[0]]}..{names[units[-1]]})" if units else ""
+        row = [str(d["rank"]), d["name"], format_size(d["budget_bytes"]), format_size(d["predicted_peak_bytes"]),
+               format_size(d["full_update_peak_bytes"]), _saving(pred_t, full_t), unit_ranges(units) + first]
+        if verify:
+            m = d.get("measured_training_bytes")
+            row.append(f"{format_size(m)} / {format_size(pred_t)} ({100 * (m / pred_t - 1):+.1f}%)" if m and pred_t else "-")
+        t.add_row(*row)
+    parts = [t]
+    if doc.get("launcher_bytes"):
+        parts.append(Text(f"peaks are the worker's; each budget also holds torchrun's agent "
+                          f"({format_size(doc['launcher_bytes'])} of private memory)"))
+    g = _table("aggregation groups (created in this order on every rank)",
+               ("group", "op", "ranks", "root", "units", "bytes/step"))
+    for grp in doc["groups"]:
+        g.add_row(str(grp.get("id", "")), grp["op"], ",".join(map(str, grp["ranks"])), str(grp.get("root", "")),
+                  unit_ranges(grp["units"]), format_size(grp["bytes_per_step"]))
+    return Group(*parts, g)
+
+
+def train_summary(summary: dict) -> Table:
+    """`dsparse train`'s last word: each board's measured memory and traffic against the plan."""
+    accuracy = summary["accuracy"] if summary["accuracy"] is not None else "-"
+    t = _table(f"job {summary['job']}: {summary['state']}, accuracy {accuracy}",
+               ("board", "units", "peak training mem", "predicted", "full update", "saving", "agg ms/step",
+                "bytes/step"))
+    for b in summary["boards"]:
+        full, predicted = b.get("full_update_training_bytes"), b.get("predicted_training_bytes")
+        t.add_row(b["name"], unit_ranges(b["units"]), format_size(b.get("peak_memory_bytes")),
+                  format_size(predicted), format_size(full), _saving(predicted, full),
+                  _fmt(b.get("agg_ms_per_step"), ".1f"), format_size(b.get("bytes_per_step")))
+    return t
+
+
+def board_table(title: str, rows: list[dict], budgets: Mapping[str, int | None] | None = None) -> Table:
+    """One row per board of a running job (the follower's live view, `dsparse status`). A board's
+    budget is budgets[name] when given, else the row's own budget_bytes."""
+    t = _table(title, ("board", "state", "epoch", "step", "loss", "acc", "samples/s", "process peak / budget",
+                       "agg ms/step", "bytes/step", "hb age"))
+    for r in rows:
+        colour = _STATE_COLOURS.get(r["state"], "")
+        budget = budgets.get(r["name"]) if budgets is not None else r.get("budget_bytes")
+        t.add_row(r["name"], f"[{colour}]{r['state']}[/]" if colour else r["state"],
+                  _epoch(r), _step(r), _fmt(r.get("loss"), ".3f"),
+                  _fmt(r.get("accuracy"), ".3f"), _fmt(r.get("samples_per_s"), ".1f"),
+                  f"{format_size(r.get('peak_process_bytes'))} / {format_size(budget)}",
+                  _fmt(r.get("agg_ms_per_step"), ".1f"), format_size(r.get("bytes_per_step")),
+                  _fmt(r.get("heartbeat_age_s"), ".0f"))
+    return t
+
+
+def status_table(doc: dict) -> Table:
+    """`dsparse status`: the board table under a title that counts the boards in each state."""
+    counts = Counter(b["state"] for b in doc["boards"])
+    parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    return board_table(f"job {doc['job']}: {doc['state']} ({parts})", doc["boards"])
+
+
+def unit_ranges(units: list[int]) -> str:
+    """[3,4,5,9] -> '3-5,9'."""
+    out, start = [], None
+    for i, u in enumerate(units):
+        if start is None:
+            start = u
+        if i + 1 == len(units) or units[i + 1] != u + 1:
+            out.append(f"{start}" if start == u else f"{start}-{u}")
+            start = None
+    return ",".join(out) or "none"
+
+
+def _saving(predicted, full) -> str:
+    return f"{100 * (1 - predicted / full):.0f}%" if full and predicted else "-"
+
+
+def _epoch(r: dict) -> str:
+    return f"{r['epoch']}/{r['epochs']}" if r.get("epoch") and r.get("epochs") else _fmt(r.get("epoch"))
+
+
+def _step(r: dict) -> str:
+    """The step within the whole run (the per-epoch step restarts at every epoch)."""
+    if r.get("global_step") is not None and r.get("total_steps"):
+        return f"{r['global_step']}/{r['total_steps']}"
+    return _fmt(r.get("step"))
+
+
+def _fmt(value, spec: str = "") -> str:
+    if value is None:
+        return "-"
+    try:
+        return format(value, spec)
+    except (TypeError, ValueError):
+        return str(value)
