@@ -254,6 +254,7 @@ COMPRESSOR_OPTIONS = {
 }
 DATASETS = ("digits", "cifar10", "synthetic")
 OPTIMIZERS = ("sgd", "sgd-momentum", "adam")
+MODELS = ("mobilenet_v2", "mobilenet_v3_small", "resnet18", "shufflenet_v2_x0_5", "tiny_cnn")  # runtime/models.py
 BACKENDS = ("gloo", "nccl")
 LR_SCHEDULES = ("cosine", "step", "constant")
 

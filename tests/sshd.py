@@ -78,7 +78,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _config(d: Path, port: int) -> str:
+def _config(d: Path, port: int, sftp: bool = True) -> str:
     return "\n".join([
         f"Port {port}",
         "ListenAddress 127.0.0.1",
@@ -91,7 +91,7 @@ def _config(d: Path, port: int) -> str:
         "KbdInteractiveAuthentication no",
         "PubkeyAuthentication yes",
         "PermitRootLogin yes",     # CI runs as root
-        "Subsystem sftp internal-sftp",
+        "Subsystem sftp internal-sftp" if sftp else "# no SFTP subsystem (minimal images, Dropbear)",
         "MaxStartups 64",
         "MaxSessions 64",
         "LogLevel VERBOSE",
@@ -110,7 +110,7 @@ def _check_environment() -> None:
                                   f"{PRIVSEP_DIR}: {e.strerror}") from e
 
 
-def start_sshd(directory: str | Path, *, attempts: int = 3) -> SSHServer:
+def start_sshd(directory: str | Path, *, attempts: int = 3, sftp: bool = True) -> SSHServer:
     """Start sshd in the foreground (-D -e) on a free loopback port; wait until it accepts."""
     _check_environment()
     d = Path(directory)
@@ -121,7 +121,7 @@ def start_sshd(directory: str | Path, *, attempts: int = 3) -> SSHServer:
     last_log = ""
     for _ in range(attempts):  # a free port can be taken between probe and bind: retry
         port = free_port()
-        server = _launch(d, port, host_pub)
+        server = _launch(d, port, host_pub, sftp)
         if server is not None:
             return server
         last_log = (d / "sshd.log").read_text(errors="replace")
@@ -136,9 +136,9 @@ def _die_with_parent() -> None:
         pass
 
 
-def _launch(d: Path, port: int, host_pub: str) -> SSHServer | None:
+def _launch(d: Path, port: int, host_pub: str, sftp: bool = True) -> SSHServer | None:
     config = d / "sshd_config"
-    config.write_text(_config(d, port))
+    config.write_text(_config(d, port, sftp))
     log = open(d / "sshd.log", "wb")
     proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdin=subprocess.DEVNULL,
                             stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)

@@ -11,10 +11,11 @@ from typing import Mapping, Sequence
 
 from dsparse_cli.planning.planfile import DEFAULT_HEADROOM, budget_bytes, build_plan, load_plan, write_plan
 from dsparse_cli.planning.planner import CostTable, Device, PlanResult, depth_order, plan_devices
-from dsparse_cli.planning.profile import Profile, get_profile, peak_bytes, training_bytes
+from dsparse_cli.planning.profile import Profile, check_args, get_profile, peak_bytes, training_bytes
 from dsparse_cli.planning.schedule import build_groups
 
 __all__ = ["CostTable", "Device", "PlanResult", "Profile", "budget_bytes", "build_groups", "build_plan",
+           "check_plan_options",
            "depth_order", "get_profile", "load_plan", "peak_bytes", "plan_cluster", "plan_devices",
            "training_bytes", "write_plan"]
 
@@ -29,11 +30,11 @@ def plan_cluster(*, cluster: str, boards: Sequence[tuple[str, Mapping]], state_d
 
     `boards`: (name, facts) in inventory order; facts must hold `usable_memory_bytes` and are
     recorded in the plan's `probe` section as given (torch, cuda, source, ...)."""
-    from dsparse_cli.errors import ConfigError
     from dsparse_cli.planning.importance import importance_order
 
-    if sync_every < 1:
-        raise ConfigError(f"--sync-every {sync_every} must be at least 1")
+    check_plan_options(model=model, num_classes=num_classes, image_size=image_size, batch_size=batch_size,
+                       optimizer=optimizer, dtype=dtype, headroom=headroom, sync_every=sync_every,
+                       importance=importance)
     prof = get_profile(state_dir, model, num_classes=num_classes, image_size=image_size,
                        batch_size=batch_size, dtype=dtype, optimizer=optimizer, refresh=refresh_profile)
     order = importance_order(importance, prof.num_units, model=model, num_classes=num_classes,
@@ -43,3 +44,19 @@ def plan_cluster(*, cluster: str, boards: Sequence[tuple[str, Mapping]], state_d
     return build_plan(cluster=cluster, profile=prof, result=result, sync_every=sync_every,
                       probe={name: facts for name, facts in boards}, importance=importance,
                       headroom=headroom, allow_frozen=allow_frozen)
+
+
+def check_plan_options(*, model: str, num_classes: int, image_size: int, batch_size: int, optimizer: str,
+                       dtype: str = "float32", headroom: float, sync_every: int, importance: str) -> None:
+    """Every option of `dsparse plan`, checked before torch is imported or the model measured."""
+    from dsparse_cli.errors import ConfigError
+    from dsparse_cli.planning.importance import KINDS
+
+    check_args(model, batch_size, image_size, dtype, optimizer)
+    budget_bytes(1, headroom)   # its range check
+    if sync_every < 1:
+        raise ConfigError(f"--sync-every {sync_every} must be at least 1")
+    if num_classes < 2:
+        raise ConfigError(f"--num-classes {num_classes} must be at least 2")
+    if importance not in KINDS:
+        raise ConfigError(f"unknown importance {importance!r}", f"choose one of {', '.join(KINDS)}")

@@ -4,6 +4,7 @@ boards. No Typer and no tables: progress and warnings go through the console hel
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from dsparse_cli.console import info, spinner, success, warning
@@ -18,7 +19,8 @@ def make_plan(inv: Inventory, *, model: str = "mobilenet_v2", batch_size: int = 
               num_classes: int = 10, optimizer: str = "sgd-momentum", headroom: float = 0.15,
               sync_every: int = 1, importance: str = "depth", allow_frozen: bool = False,
               exclude_small: bool = False, quiet: bool = False) -> dict:
-    """Profile (cached), plan, write .dsparse/plan.json; return the plan document."""
+    """Profile (cached), plan, write .dsparse/plan.json; return the plan document. `plan_cluster`
+    checks every option before anything is measured."""
     from dsparse_cli.planning import plan_cluster, write_plan
 
     facts = _budget_sources(inv)
@@ -43,6 +45,10 @@ def _budget_sources(inv: Inventory) -> dict[str, dict]:
     facts = {}
     for board in inv.boards:
         p = probed.get(board.name)
+        if p and p.stale_error:
+            age_min = (time.time() - (p.probed_at or 0)) / 60
+            warning(f"board {board.name} did not answer the last probe ({p.stale_error}); "
+                    f"planning with its result from {age_min:.0f} min ago")
         if p and p.usable_memory_bytes:
             facts[board.name] = {"usable_memory_bytes": p.usable_memory_bytes, "source": "probe",
                                  "torch": p.torch, "cuda": p.cuda, "kind": p.kind, "arch": p.arch}
@@ -65,7 +71,9 @@ def probe_if_needed(inv: Inventory, connect_timeout: float, accept_new: bool, qu
         info("probing boards first (no fresh probe cache)")
     infos = probe_all(inv, connect_timeout=connect_timeout, accept_new_host_keys=accept_new)
     write_cache(inv, infos)
-    failed = [i for i in infos if not i.ok]
+    cache = read_cache(inv)
+    answered = cache.answered() if cache else {}   # a board that answered before keeps that result
+    failed = [i for i in infos if i.name not in answered]
     if failed:
         raise ConfigError(f"board {failed[0].name} could not be probed: {failed[0].error}",
                           "fix it or remove it from cluster.yaml", exit_code=1)

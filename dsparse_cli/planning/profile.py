@@ -267,12 +267,12 @@ def save_profile(profile: Profile, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-def _check_args(model: str, batch_size: int, image_size: int, dtype: str, optimizer: str) -> None:
-    from dsparse_cli.runtime.models import MODEL_NAMES
-    from dsparse_cli.runtime.sparse import OPTIMIZERS
+def check_args(model: str, batch_size: int, image_size: int, dtype: str, optimizer: str) -> None:
+    """The measuring options, checked without importing torch."""
+    from dsparse_cli.contract import MODELS, OPTIMIZERS
 
-    if model not in MODEL_NAMES:
-        raise ConfigError(f"unknown model {model!r}", f"choose one of {', '.join(MODEL_NAMES)}")
+    if model not in MODELS:
+        raise ConfigError(f"unknown model {model!r}", f"choose one of {', '.join(MODELS)}")
     if optimizer not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {optimizer!r}", f"choose one of {', '.join(OPTIMIZERS)}")
     if dtype not in DTYPES:
@@ -286,7 +286,7 @@ def get_profile(state_dir: str | Path, model: str, *, num_classes: int = 10, ima
                 batch_size: int = 64, dtype: str = "float32", optimizer: str = "sgd-momentum",
                 refresh: bool = False, timeout: float = 1800) -> Profile:
     """The cached profile under <state_dir>/profiles/<key>.json, measured first when missing."""
-    _check_args(model, batch_size, image_size, dtype, optimizer)
+    check_args(model, batch_size, image_size, dtype, optimizer)
     key = profile_key(model, num_classes, image_size, batch_size, dtype, optimizer)
     path = profile_path(state_dir, key)
     if path.exists() and not refresh:

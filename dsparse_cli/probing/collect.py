@@ -64,32 +64,57 @@ class ProbeCache:
     boards: list[DeviceInfo]
 
     def answered(self) -> dict[str, DeviceInfo]:
-        """The boards that answered, by name."""
+        """The boards that answered, by name (in this probe, or in an earlier one: `stale_error`)."""
         return {b.name: b for b in self.boards if b.ok}
 
 
 def write_cache(inv: Inventory, infos: list[DeviceInfo]) -> Path:
+    """Save this probe. A board that failed it but answered before keeps that earlier result,
+    marked stale with the new error, so one bad probe does not take a board out of the plan."""
+    previous = _read_boards(inv.state_dir / CACHE_NAME)
+    now = time.time()
+    kept = []
+    for info in infos:
+        last = previous.get(info.name)
+        if info.ok:
+            kept.append(info.model_copy(update={"probed_at": now, "stale_error": None}))
+        elif last is not None and last.ok:
+            kept.append(last.model_copy(update={"stale_error": info.error}))
+        else:
+            kept.append(info)
     inv.state_dir.mkdir(parents=True, exist_ok=True)
     path = inv.state_dir / CACHE_NAME
-    doc = {"cluster": inv.name, "time": time.time(), "boards": [i.model_dump(mode="json") for i in infos]}
+    doc = {"cluster": inv.name, "time": now, "boards": [i.model_dump(mode="json") for i in kept]}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
     os.replace(tmp, path)
     return path
 
 
-def read_cache(inv: Inventory, *, max_age_s: float | None = None) -> ProbeCache | None:
-    """The cached probe, or None when missing, stale or for other boards."""
-    path = inv.state_dir / CACHE_NAME
-    if not path.exists():
-        return None
+def _read_boards(path: Path) -> dict[str, DeviceInfo]:
+    """The boards of a probe cache file by name; none when it is missing or unreadable."""
+    try:
+        return {b.name: b for b in _load(path).boards}
+    except ConfigError:
+        return {}
+
+
+def _load(path: Path) -> ProbeCache:
     try:
         doc = json.loads(path.read_text())
-        cache = ProbeCache(doc.get("cluster", inv.name), float(doc.get("time", 0)),
-                           [DeviceInfo(**b) for b in doc.get("boards", [])])
+        return ProbeCache(doc.get("cluster", ""), float(doc.get("time", 0)),
+                          [DeviceInfo(**b) for b in doc.get("boards", [])])
     except (OSError, ValueError, TypeError, AttributeError) as exc:
         raise ConfigError(f"probe cache {path} is unreadable ({str(exc).splitlines()[0]})",
                           "delete it and run `dsparse probe`") from None
+
+
+def read_cache(inv: Inventory, *, max_age_s: float | None = None) -> ProbeCache | None:
+    """The cached probe, or None when missing, too old or for other boards."""
+    path = inv.state_dir / CACHE_NAME
+    if not path.exists():
+        return None
+    cache = _load(path)
     if max_age_s is not None and time.time() - cache.time > max_age_s:
         return None
     if sorted(b.name for b in cache.boards) != sorted(b.name for b in inv.boards):

@@ -59,6 +59,9 @@ class DeviceInfo(BaseModel):
     iface: str | None = None
     address: str | None = None
     warnings: list[str] = []
+    # Kept by the probe cache: a board that fails a later probe keeps its last good result.
+    probed_at: float | None = None             # when this result was measured (this machine's clock)
+    stale_error: str | None = None             # why the newest probe of the board failed
 
     @classmethod
     def failed(cls, name: str, error: str) -> "DeviceInfo":

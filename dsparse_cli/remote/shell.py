@@ -59,6 +59,14 @@ def alive_check(pid: int) -> str:
             f"/proc/{p}/status 2>/dev/null; then echo alive; else echo dead; fi")
 
 
+def put_script(remote_path: str, mode: int) -> str:
+    """Shell that writes its stdin to ``remote_path`` (dirs created, ``mode`` set) atomically."""
+    dst = sh_path(remote_path)
+    tmp = sh_path(f"{remote_path}.tmp.dsparse")
+    return (f'mkdir -p "$(dirname {dst})" && cat > {tmp} && chmod {mode:o} {tmp} && mv -f {tmp} {dst} '
+            f'|| {{ rm -f {tmp}; exit 1; }}')
+
+
 def detached_script(cmd: str, *, log_path: str, env: dict[str, str] | None, cwd: str | None,
                     python: str) -> str:
     """Shell script that starts ``cmd`` as a session leader and prints its pid."""

@@ -22,7 +22,7 @@ from dsparse_cli.remote.base import (
     OP_TIMEOUT, TIMEOUT_RC, Detached, LineSplitter, RunResult, Transport, timeout_note,
 )
 from dsparse_cli.remote.client import close_quietly, open_client
-from dsparse_cli.remote.shell import detached_script, sh_wrap
+from dsparse_cli.remote.shell import detached_script, put_script, sh_wrap
 
 if TYPE_CHECKING:
     from dsparse_cli.inventory import Target
@@ -55,6 +55,7 @@ class SSHTransport(Transport):
                                    known_hosts=known_hosts)
         self._client.get_transport().set_keepalive(15)
         self._sftp: paramiko.SFTPClient | None = None
+        self._sftp_missing: str | bool | None = None   # None: not tried yet; else why it failed
         self._home = "."
         self._lock = threading.Lock()
 
@@ -152,9 +153,19 @@ class SSHTransport(Transport):
 
     @_lost
     def put(self, local_path: str, remote_path: str) -> None:
+        """Over SFTP; over the exec channel where the board's sshd has no SFTP subsystem
+        (minimal images, Dropbear), which is then remembered for this connection."""
         src = os.path.expanduser(local_path)
         if not os.path.isfile(src):
             raise RemoteError(f"cannot copy {local_path} to {self.target.name}: no such local file")
+        if self._sftp_missing is None:
+            try:
+                self._sftp_client()
+                self._sftp_missing = False
+            except paramiko.SSHException as e:   # the server refused the subsystem
+                self._sftp_missing = str(e) or type(e).__name__
+        if self._sftp_missing:
+            return self._put_over_exec(src, remote_path)
         dst = self._rpath(remote_path)
         try:
             self._mkdir_p(os.path.dirname(dst))
@@ -164,6 +175,17 @@ class SSHTransport(Transport):
         except OSError as e:
             raise RemoteError(f"cannot write {remote_path} on {self.target.name}: "
                               f"{e.strerror or e}") from e
+
+    def _put_over_exec(self, src: str, remote_path: str) -> None:
+        """`cat` into a temporary name beside the destination, then rename: a reader never sees
+        half a file, and an interrupted copy leaves the old file in place."""
+        with open(src, "rb") as fh:
+            data = fh.read()
+        r = self.run(put_script(remote_path, stat.S_IMODE(os.stat(src).st_mode)), timeout=OP_TIMEOUT, input=data)
+        if r.rc != 0:
+            detail = (r.stderr.strip().splitlines() or [f"exit status {r.rc}"])[-1]
+            raise RemoteError(f"cannot write {remote_path} on {self.target.name}: no SFTP subsystem "
+                              f"({self._sftp_missing}) and copying over the shell failed: {detail}")
 
     # -- detached processes ---------------------------------------------------------------
     @_lost

@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from dsparse_cli.contract import JobSpec
 from dsparse_cli.runtime.compress import Compressor, make_compressor
 from dsparse_cli.runtime.models import UnitSpec, unit_buffers, unit_params
 
@@ -93,8 +95,10 @@ def broadcast_module(model: nn.Module, src: int = 0) -> None:
 class GroupedAggregator:
     def __init__(self, plan: dict, rank: int, model: nn.Module, units: list[UnitSpec],
                  compressor: Compressor | None = None, sync_every: int | None = None,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, timeout_s: float = JobSpec.collective_timeout_s):
         self.rank, self.world = rank, dist.get_world_size()
+        # Explicit: a subgroup would otherwise wait gloo's 30 minutes for a peer that is gone.
+        self.timeout = timedelta(seconds=timeout_s)
         self.compressor = compressor or make_compressor(None)  # none = the plain DDP average
         self.sync_every = int(sync_every or plan.get("sync_every") or 1)
         if self.sync_every < 1:
@@ -113,7 +117,7 @@ class GroupedAggregator:
             if grp.op not in ("allreduce", "broadcast"):
                 raise ValueError(f"plan group {grp.id}: unknown op {grp.op!r}")
             if len(ranks) > 1 and ranks != list(range(self.world)):
-                grp.pg = dist.new_group(ranks=ranks)  # every rank, in plan order
+                grp.pg = dist.new_group(ranks=ranks, timeout=self.timeout)  # every rank, in plan order
             grp.member = self.rank in ranks
             if grp.member and len(ranks) > 1:
                 mods = [units[u] for u in grp.units]

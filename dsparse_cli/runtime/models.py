@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dsparse_cli.contract import MODELS
+
 
 @dataclass(frozen=True)
 class UnitSpec:
@@ -50,14 +52,8 @@ def _torchvision(name: str):
     return build
 
 
-_BUILDERS = {
-    "mobilenet_v2": _torchvision("mobilenet_v2"),
-    "mobilenet_v3_small": _torchvision("mobilenet_v3_small"),
-    "resnet18": _torchvision("resnet18"),
-    "shufflenet_v2_x0_5": _torchvision("shufflenet_v2_x0_5"),
-    "tiny_cnn": TinyCNN,
-}
-MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+MODEL_NAMES = MODELS   # the names the planner checks before it imports torch
+_BUILDERS = {name: TinyCNN if name == "tiny_cnn" else _torchvision(name) for name in MODEL_NAMES}
 
 
 def build_model(name: str, num_classes: int = 10) -> nn.Module:

@@ -11,9 +11,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from dsparse_cli.contract import OPTIMIZERS
 from dsparse_cli.runtime.models import UnitSpec, unit_modules, unit_params
 
-OPTIMIZERS = ("sgd", "sgd-momentum", "adam")
 
 
 def apply_plan(model: nn.Module, units: list[UnitSpec], updated: Iterable[int]) -> list[nn.Parameter]:

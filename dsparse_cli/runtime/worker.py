@@ -90,7 +90,8 @@ class Trainer:
         if job.max_steps:
             self.total_steps = min(self.total_steps, job.max_steps)
         self.agg = GroupedAggregator(plan, self.rank, self.model, self.units, self.compressor,
-                                     sync_every=job.sync_every or plan.get("sync_every"), device=self.device)
+                                     sync_every=job.sync_every or plan.get("sync_every"), device=self.device,
+                                     timeout_s=job.collective_timeout_s)
         if job.resume:
             self._resume()
         else:
