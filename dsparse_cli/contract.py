@@ -284,6 +284,7 @@ class JobSpec:
     lr_schedule: str = "cosine"
     log_every_steps: int = 10
     stop_grace_s: float = 8.0           # keep below the launcher's SIGKILL grace
+    master_lost_s: float = 30.0         # a worker whose master is silent this long ends itself
     synthetic_samples: int | None = None
     # Set by the launcher per board and attempt.
     id: str = "job"

@@ -35,9 +35,9 @@ from dsparse_cli.render import board_table
 
 # Errors a worker reports when *another* board went away: not the root cause.
 _PEER_ERROR = re.compile(r"peer|connection|broken pipe|timed? ?out|gloo|nccl|DistBackendError|"
-                         r"aborted|store|socket", re.I)
-POLL_TIMEOUT_S = 5.0   # one board's state read
-UNREACHABLE_S = 25.0   # silent this long: the board is lost (the job must be named lost within 60 s)
+                         r"aborted|store|socket|lost the master", re.I)
+POLL_TIMEOUT_S = 4.0   # one board's state read
+UNREACHABLE_S = 8.0    # silent this long: the board is lost (a dead link is named within 10 s)
 LOG_TAIL = 12
 EXIT_WAIT_S = 20.0   # after every board reported finished: how long torchrun may take to exit
 SETTLE_S = 5.0       # a failed board's torchrun gets this long to exit and log why, before we stop it

@@ -4,6 +4,9 @@ The stop request is agreed by all ranks at a step boundary (a 1-element all_redu
 `agree_stop`), so every rank checkpoints the same step, then exits 143. If this rank does not
 reach a step boundary within `stop_grace_s` (blocked in a collective whose peer is gone), a
 watchdog thread exits 143 without touching the checkpoints: the last one on disk stays valid.
+
+A board cut off from the master (link down, rank 0 gone) ends itself once the master's store has
+not answered for the job's `master_lost_s` (`MasterWatch`): no orphan waits out its collectives.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -80,3 +85,37 @@ def agree_stop(stop: StopControl, device: torch.device) -> bool:
     if flag.item() and not mine:
         stop.reason = "stopped because another board was stopped"
     return bool(flag.item())
+
+
+class MasterWatch:
+    """Calls `on_lost(silent_s)` once the rendezvous store on the master has not answered a round
+    trip for `lost_s` (unless the worker is done). A pinger thread does the round trips, which
+    can block on a dead link; the watching thread only reads when the last one succeeded."""
+
+    def __init__(self, addr: str, port: int, lost_s: float, stop: StopControl, on_lost, every_s: float = 2.0):
+        self.addr, self.port, self.lost_s, self.every_s = addr, port, lost_s, every_s
+        self.stop, self.on_lost = stop, on_lost
+        self.last_ok = time.monotonic()
+        self.threads = [threading.Thread(target=target, daemon=True, name=name)
+                        for target, name in ((self._ping, "master-ping"), (self._watch, "master-watch"))]
+        for t in self.threads:
+            t.start()
+
+    def _ping(self) -> None:
+        store = None
+        while not self.stop.done.is_set():
+            try:
+                store = store or dist.TCPStore(self.addr, self.port, is_master=False, wait_for_workers=False,
+                                               timeout=timedelta(seconds=max(self.every_s, 1.0)))
+                store.check(["dsparse/alive"])   # any answer proves the master is there
+                self.last_ok = time.monotonic()
+            except Exception:  # refused, reset, timed out: try a fresh connection next time
+                store = None
+            time.sleep(self.every_s)
+
+    def _watch(self) -> None:
+        while not self.stop.done.wait(self.every_s):
+            silent = time.monotonic() - self.last_ok
+            if silent > self.lost_s:
+                self.on_lost(silent)
+                return

@@ -35,7 +35,8 @@ from dsparse_cli.runtime.job_setup import (WorkerError, check_plan, check_units,
 from dsparse_cli.runtime.memory import MemoryMeter
 from dsparse_cli.runtime.models import build_model, units_from_plan
 from dsparse_cli.runtime.sparse import apply_plan, make_optimizer, set_train_mode
-from dsparse_cli.runtime.stopping import EXIT_STOPPED, SignalWatch, StopControl, Stopped, agree_stop
+from dsparse_cli.runtime.stopping import (EXIT_STOPPED, MasterWatch, SignalWatch, StopControl, Stopped,
+                                          agree_stop)
 
 # --- the trainer -------------------------------------------------------------------------
 class Trainer:
@@ -331,8 +332,21 @@ def main(argv=None) -> int:
                                       "or still starting); last checkpoint kept")
 
     SignalWatch(stop, job.stop_grace_s, on_stuck)
+
+    def on_master_lost(silent_s: float):
+        with stop.save_lock:  # never cut a checkpoint write in half
+            if stop.done.is_set():
+                return  # finished (or failed) meanwhile: nothing was lost
+            hb.set_state(WorkerState.FAILED, error=f"lost the master {os.environ.get('MASTER_ADDR')} for "
+                                                   f"{silent_s:.0f}s (link down or rank 0 gone); exiting")
+            print(f"error: lost the master for {silent_s:.0f}s; exiting", file=sys.stderr, flush=True)
+            os._exit(1)
+
     try:
         device = init_distributed(job, rank, world)
+        if world > 1:
+            MasterWatch(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), job.master_lost_s, stop,
+                        on_master_lost)
         Trainer(plan, job, rank, world, heartbeat=hb, stop=stop, device=device).run()
         return 0
     except Stopped as exc:
