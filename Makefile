@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast clean
+.PHONY: venv install demo test test-fast clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,11 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+# Put `dsparse` on PATH: it is installed (editable) in .venv; activating .venv puts it on PATH.
+install: $(STAMP)
+	@echo "dsparse is installed in $(VENV). To put it on your PATH in this shell:"
+	@echo "    source $(VENV)/bin/activate"
 
 # The main job on the built-in local cluster: probe -> plan -> train -> status.
 demo: $(STAMP)

@@ -1,4 +1,5 @@
-"""The one Rich console, and the helpers every command uses to talk to the user."""
+"""The one Rich console, and the helpers every command uses to talk to the user. Commands import
+this when they run, not at import time: rich is too slow to load for `dsparse --help`."""
 
 from __future__ import annotations
 
@@ -28,6 +29,11 @@ def info(message: str) -> None:
 
 def success(message: str) -> None:
     console.print(f"[green]{escape(message)}[/]", highlight=False, soft_wrap=True)
+
+
+def show(renderable) -> None:
+    """Print a table or view on stdout; soft wrap: a `--wide` table is not cropped at the terminal's edge."""
+    console.print(renderable, soft_wrap=True)
 
 
 def spinner(message: str, quiet: bool = False):

@@ -1,8 +1,13 @@
-"""cluster.yaml: the inventory of boards, validated, with ~/.ssh/config applied.
+"""cluster.yaml: the inventory of boards, checked, with ~/.ssh/config applied.
 
 Precedence for a board's connection settings: the board's own keys, then the matching
 `~/.ssh/config` entry (HostName, User, Port, IdentityFile, ProxyCommand), then `defaults`.
 Host-specific settings beat generic defaults, as they do for ssh itself.
+
+Every mistake in the file is reported at once, one line each with its line number. A board whose
+entry is right but whose surroundings are not (its identity file does not exist) still loads: the
+problem rides on its `Target.error` and is raised by `Target.check()` when the board is contacted,
+so one broken board does not block commands that never use it.
 """
 
 from __future__ import annotations
@@ -10,12 +15,11 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dsparse_cli.errors import ConfigError
 from dsparse_cli.sizes import parse_size
@@ -23,57 +27,7 @@ from dsparse_cli.sizes import parse_size
 DEFAULT_PYTHON = "python3"
 DEFAULT_WORKDIR = "~/.dsparse-work"
 DEFAULT_MASTER_PORT = 29500
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Defaults(_Strict):
-    user: str | None = None
-    port: int | None = Field(default=None, ge=1, le=65535)
-    identity_file: str | None = None
-    python: str | None = None
-    workdir: str | None = None
-    known_hosts: str | None = None   # default ~/.ssh/known_hosts
-
-
-class Master(_Strict):
-    addr: str | None = None
-    port: int = Field(default=DEFAULT_MASTER_PORT, ge=1, le=65535)
-
-
-class BoardSpec(_Strict):
-    name: str = Field(min_length=1)
-    host: str | None = None
-    user: str | None = None
-    port: int | None = Field(default=None, ge=1, le=65535)
-    identity_file: str | None = None
-    python: str | None = None
-    workdir: str | None = None
-    kind: Literal["jetson", "rpi", "x86", "auto"] = "auto"
-    memory_limit: int | None = None
-    iface: str | None = None
-    local: bool = False
-
-    @field_validator("memory_limit", mode="before")
-    @classmethod
-    def _size(cls, v):
-        return None if v is None else parse_size(v)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", v):
-            raise ValueError(f"board name {v!r} may use only letters, digits, '.', '_' and '-'")
-        return v
-
-
-class ClusterSpec(_Strict):
-    name: str = "cluster"
-    defaults: Defaults = Defaults()
-    master: Master = Master()
-    boards: list[BoardSpec] = Field(min_length=1)
+KINDS = ("jetson", "rpi", "x86", "auto")
 
 
 @dataclass(frozen=True)
@@ -93,6 +47,13 @@ class Target:
     iface: str | None
     kind: str
     known_hosts: str | None = None
+    error: str | None = None    # why this board cannot be used as written; raised by check()
+
+    def check(self) -> Target:
+        """This target, or the ConfigError its cluster.yaml entry holds for whoever contacts it."""
+        if self.error:
+            raise ConfigError(self.error)
+        return self
 
 
 @dataclass
@@ -105,13 +66,14 @@ class Inventory:
     builtin: bool = False
     state_dir: Path = field(default_factory=lambda: Path(".dsparse"))
     master_explicit: bool = False   # master.addr was written in cluster.yaml (else: the first board's host)
+    warnings: list[str] = field(default_factory=list)   # loads, but looks wrong: the CLI prints these
 
     def board(self, name: str) -> Target:
         for b in self.boards:
             if b.name == name:
                 return b
-        names = [b.name for b in self.boards]
-        raise ConfigError(f"no board named {name!r} in cluster {self.name!r}", _did_you_mean(name, names))
+        raise ConfigError(f"no board named {name!r} in cluster {self.name!r}",
+                          _did_you_mean(name, [b.name for b in self.boards]))
 
 
 # The built-in demo cluster: four simulated boards on this machine with different memory
@@ -125,23 +87,13 @@ BUILTIN_BOARDS = (("demo-x86", "2000MiB"), ("demo-jetson", "1650MiB"), ("demo-rp
 
 
 def builtin_cluster(state_dir: Path | None = None) -> Inventory:
+    state_dir = (state_dir or Path.cwd() / ".dsparse").resolve()
     boards = [
-        Target(name, "127.0.0.1", 22, None, [], None, os.environ.get("DSPARSE_PYTHON", _this_python()),
-               f"{_state_dir(state_dir)}/boards/{name}", True, parse_size(limit), None, "auto")
+        Target(name, "127.0.0.1", 22, None, [], None, os.environ.get("DSPARSE_PYTHON", sys.executable),
+               f"{state_dir}/boards/{name}", True, parse_size(limit), None, "auto")
         for name, limit in BUILTIN_BOARDS
     ]
-    return Inventory("demo", boards, "127.0.0.1", DEFAULT_MASTER_PORT, None, True, _state_dir(state_dir),
-                     master_explicit=True)
-
-
-def _this_python() -> str:
-    import sys
-
-    return sys.executable
-
-
-def _state_dir(state_dir: Path | None) -> Path:
-    return (state_dir or Path.cwd() / ".dsparse").resolve()
+    return Inventory("demo", boards, "127.0.0.1", DEFAULT_MASTER_PORT, None, True, state_dir, master_explicit=True)
 
 
 def _did_you_mean(word: str, choices) -> str | None:
@@ -149,64 +101,9 @@ def _did_you_mean(word: str, choices) -> str | None:
     return f"did you mean {close[0]!r}?" if close else None
 
 
-def _location(loc: tuple, raw: dict) -> str:
-    """('boards', 2, 'hots') -> "boards[2] (name 'pi-1')"."""
-    parts = []
-    node = raw
-    for item in loc:
-        parts.append(f"[{item}]" if isinstance(item, int) else f".{item}")
-        node = node[item] if isinstance(node, (dict, list)) and _has(node, item) else None
-        if isinstance(item, int) and isinstance(node, dict) and "name" in node:
-            parts[-1] += f" ({node['name']})"
-    return "".join(parts).lstrip(".")
-
-
-def _has(node, key) -> bool:
-    return key in node if isinstance(node, dict) else isinstance(key, int) and key < len(node)
-
-
-def _line_of(text: str, loc: tuple) -> int | None:
-    """1-based line of the YAML key or item at `loc`, for error messages."""
-    try:
-        node = yaml.compose(text)
-    except yaml.YAMLError:
-        return None
-    line = None
-    for item in loc:
-        if isinstance(node, yaml.MappingNode):
-            match = [(k, v) for k, v in node.value if k.value == item]
-            if not match:
-                return line
-            line, node = match[0][0].start_mark.line + 1, match[0][1]
-        elif isinstance(node, yaml.SequenceNode) and isinstance(item, int) and item < len(node.value):
-            node = node.value[item]
-            line = node.start_mark.line + 1
-        else:
-            return line
-    return line
-
-
-def _validation_message(exc: ValidationError, raw: dict, path: Path, text: str) -> str:
-    err = exc.errors()[0]
-    loc = err["loc"]
-    line = _line_of(text, loc)
-    if line:
-        path = f"{path}: line {line}"
-    where = _location(loc[:-1], raw) if loc else ""
-    if err["type"] == "extra_forbidden":
-        model = {"boards": BoardSpec, "defaults": Defaults, "master": Master}.get(
-            loc[0] if len(loc) > 1 else "", ClusterSpec
-        )
-        hint = _did_you_mean(str(loc[-1]), model.model_fields) or f"valid keys: {', '.join(model.model_fields)}"
-        return f"{path}: unknown key {loc[-1]!r}{' in ' + where if where else ''} ({hint})"
-    field_name = ".".join(str(x) for x in loc[-1:])
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{path}: {where + '.' if where else ''}{field_name}: {msg}"
-
-
 def load_inventory(path: str | Path | None, *, ssh_config: str | Path | None = None) -> Inventory:
-    """Load and validate cluster.yaml. `path=None` looks for ./cluster.yaml and falls back to
-    the built-in demo cluster."""
+    """Load and check cluster.yaml. `path=None` looks for ./cluster.yaml and falls back to the
+    built-in demo cluster. Raises one ConfigError that lists every problem of the file."""
     if path is None:
         if not Path("cluster.yaml").exists():
             return builtin_cluster()
@@ -214,42 +111,173 @@ def load_inventory(path: str | Path | None, *, ssh_config: str | Path | None = N
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"cluster file {path} does not exist", "create it from cluster.yaml.example")
-    raw = _read_yaml(path)
-    try:
-        spec = ClusterSpec.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(_validation_message(exc, raw, path, path.read_text())) from None
-    _check_unique(spec, path)
+    name, defaults, master, specs, warnings = _check(_read_yaml(path), path)
     lookup = _ssh_config_lookup(ssh_config)
-    boards = [_resolve(b, spec.defaults, lookup, path) for b in spec.boards]
-    master_addr = spec.master.addr or boards[0].host
-    state_dir = path.resolve().parent / ".dsparse"
-    return Inventory(spec.name, boards, master_addr, spec.master.port, path, False, state_dir,
-                     master_explicit=bool(spec.master.addr))
+    boards = [_resolve(b, line, defaults, lookup, path) for b, line in specs]
+    addr = master.get("addr")
+    return Inventory(name, boards, addr or boards[0].host, master.get("port", DEFAULT_MASTER_PORT), path, False,
+                     path.resolve().parent / ".dsparse", master_explicit=bool(addr), warnings=warnings)
 
 
-def _read_yaml(path: Path) -> dict:
+# --- reading: YAML that keeps line numbers ----------------------------------------------------
+
+class _Map(dict):   # a YAML mapping that knows the line of each key
+    lines: dict = {}
+
+
+class _Seq(list):   # a YAML list that knows the line of each item
+    lines: list = []
+
+
+class _Loader(yaml.SafeLoader):
+    """A SafeLoader whose mappings and lists know the line of each key and item."""
+
+    def mapping(self, node: yaml.MappingNode):
+        m = _Map()
+        yield m
+        m.update(self.construct_mapping(node))
+        m.lines = {k.value: k.start_mark.line + 1 for k, _ in node.value}
+
+    def sequence(self, node: yaml.SequenceNode):
+        s = _Seq()
+        yield s
+        s.extend(self.construct_sequence(node))
+        s.lines = [item.start_mark.line + 1 for item in node.value]
+
+
+_Loader.add_constructor("tag:yaml.org,2002:map", _Loader.mapping)
+_Loader.add_constructor("tag:yaml.org,2002:seq", _Loader.sequence)
+
+
+def _read_yaml(path: Path) -> _Map:
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        where = f"line {mark.line + 1}: malformed YAML at column {mark.column + 1}" if mark else "malformed YAML"
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}:{where}: malformed YAML: {problem}") from None
+        raise ConfigError(f"{path}: {where}: {problem}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping with 'name' and 'boards', got {type(raw).__name__}")
+        raise ConfigError(f"{path}: line 1: expected a mapping with `name:` and `boards:`, got {_show(raw)}",
+                          "see cluster.yaml.example")
     return raw
 
 
-def _check_unique(spec: ClusterSpec, path: Path) -> None:
-    seen: set[str] = set()
-    for b in spec.boards:
-        if b.name in seen:
-            raise ConfigError(f"{path}: duplicate board name {b.name!r}", "each board needs its own name")
-        seen.add(b.name)
+# --- checking: each key's rule, and every problem of the file noted with its line --------------
 
+def _show(value) -> str:
+    return "nothing" if value is None else "a list" if isinstance(value, list) else \
+        "a mapping" if isinstance(value, dict) else repr(value)
+
+
+def _rule(accepts, wanted: str, convert=lambda value: value):
+    """A key's rule: the value (converted) if `accepts` it, else a ValueError 'must be <wanted>'."""
+    def rule(value):
+        if not accepts(value):
+            raise ValueError(f"must be {wanted}, got {_show(value)}")
+        return convert(value)
+    return rule
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)   # YAML's `true` is no number
+
+
+_text = _rule(lambda v: isinstance(v, str) or _number(v), "text", str)   # `user: 1000` is text too
+_port = _rule(lambda v: _number(v) and 1 <= v <= 65535 and v == int(v), "a number from 1 to 65535", int)
+_flag = _rule(lambda v: isinstance(v, bool), "true or false")
+_kind = _rule(lambda v: v in KINDS, "one of " + ", ".join(KINDS))
+_as_is = _rule(lambda v: True, "anything")   # defaults, master, boards: _check looks inside
+
+
+def _board_name(value) -> str:
+    value = _text(value)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
+        raise ValueError(f"{value!r} may use only letters, digits, '.', '_' and '-'")
+    return value
+
+
+_REACH = {"user": _text, "port": _port, "identity_file": _text, "python": _text, "workdir": _text}
+_KEYS = {  # section -> key -> rule (a rule returns the value to use, or raises ValueError saying why not)
+    "cluster": {"name": _text, "defaults": _as_is, "master": _as_is, "boards": _as_is},
+    "defaults": {**_REACH, "known_hosts": _text},
+    "master": {"addr": _text, "port": _port},
+    "board": {"name": _board_name, "host": _text, **_REACH, "kind": _kind, "memory_limit": parse_size,
+              "iface": _text, "local": _flag},
+}
+
+
+class _Problems:
+    """Every problem of one file as (line, text); raised together as one ConfigError."""
+
+    def __init__(self, path: Path):
+        self.path, self.found = path, []
+
+    def note(self, line: int, what: str, fix: str | None = None) -> None:
+        self.found.append((line, f"{what} ({fix})" if fix else what))
+
+    def keys(self, mapping, section: str, where: str, line: int) -> dict:
+        """The keys of `mapping` that `section` knows, each checked by its rule; the rest noted."""
+        if not isinstance(mapping, dict):
+            self.note(line, f"{where} must be a mapping of keys, got {_show(mapping)}")
+            return {}
+        rules, prefix, checked = _KEYS[section], f"{where}: " if where else "", {}
+        for key, value in mapping.items():
+            at = getattr(mapping, "lines", {}).get(key, line)
+            if key not in rules:
+                fix = _did_you_mean(str(key), rules) or f"valid keys: {', '.join(rules)}"
+                self.note(at, f"{prefix}unknown key {key!r}", fix)
+            elif value is not None:
+                try:
+                    checked[key] = rules[key](value)
+                except ValueError as exc:
+                    self.note(at, f"{prefix}{key} {exc}")
+        return checked
+
+    def raise_if_any(self) -> None:
+        if self.found:
+            lines = sorted(self.found, key=lambda problem: problem[0])
+            raise ConfigError("\n".join(f"{self.path}: line {n}: {text}" for n, text in lines))
+
+
+def _check(raw: _Map, path: Path) -> tuple[str, dict, dict, list[tuple[dict, int]], list[str]]:
+    """The file's name, defaults, master and boards (each with its line), and its warnings."""
+    problems = _Problems(path)
+    top = problems.keys(raw, "cluster", "", 1)
+    defaults = problems.keys(top.get("defaults", {}), "defaults", "defaults", raw.lines.get("defaults", 1))
+    master = problems.keys(top.get("master", {}), "master", "master", raw.lines.get("master", 1))
+    items, at = top.get("boards"), raw.lines.get("boards", 1)
+    if not isinstance(items, list) or not items:
+        what = "no boards" if items is None else "boards is empty" if items == [] else \
+            f"boards must be a list, got {_show(items)}"
+        problems.note(at, what, "list each board under `boards:` as `- name: ...`")
+        items = _Seq()
+    boards, warnings, first_line = [], [], {}
+    for i, item in enumerate(items):
+        raw_name, line = item.get("name") if isinstance(item, dict) else None, items.lines[i]
+        where = f"board {raw_name!r}" if isinstance(raw_name, str) else f"board #{i + 1}"
+        board = problems.keys(item, "board", where, line)
+        name = board.get("name")
+        if isinstance(item, dict) and raw_name is None:
+            problems.note(line, f"{where} has no name", "add `name: ...`")
+        if name in first_line:
+            problems.note(line, f"duplicate board name {name!r}",
+                          f"line {first_line[name]} has it too; each board needs its own name")
+        elif name:
+            first_line[name] = line
+        if board.get("local") and "host" in board:
+            warnings.append(f"{path}: line {line}: {where} is local: its host: is ignored")
+        elif isinstance(item, dict) and not item.get("local") and item.get("host") is None \
+                and not difflib.get_close_matches("host", map(str, item)):   # else a typo of it was named
+            problems.note(line, f"{where} has no host", "add `host:` or `local: true`")
+        boards.append((board, line))
+    problems.raise_if_any()
+    return top.get("name", "cluster"), defaults, master, boards, warnings
+
+
+# --- resolving: a checked board entry -> Target -------------------------------------------------
 
 def _ssh_config_lookup(ssh_config: str | Path | None):
     import paramiko
@@ -264,27 +292,24 @@ def _ssh_config_lookup(ssh_config: str | Path | None):
     return cfg.lookup
 
 
-def _resolve(b: BoardSpec, d: Defaults, lookup, path: Path) -> Target:
-    if b.local:  # runs here: this interpreter, a workdir next to the inventory
-        local_dir = Path(b.workdir).expanduser() if b.workdir else path.resolve().parent / ".dsparse" / "boards" / b.name
-        return Target(b.name, "127.0.0.1", 22, None, [], None, b.python or _this_python(), str(local_dir),
-                      True, b.memory_limit, b.iface, b.kind)
-    python = b.python or d.python or DEFAULT_PYTHON
-    workdir = b.workdir or d.workdir or DEFAULT_WORKDIR
-    if not b.host:
-        raise ConfigError(f"{path}: board {b.name!r} has no host", "add `host:` or `local: true`")
-    ssh = lookup(b.host)
-    identity = b.identity_file or _first(ssh.get("identityfile")) or d.identity_file
+def _resolve(b: dict, line: int, d: dict, lookup, path: Path) -> Target:
+    name, limit, iface, kind = b["name"], b.get("memory_limit"), b.get("iface"), b.get("kind", "auto")
+    if b.get("local"):  # runs here: this interpreter, a workdir next to the inventory
+        workdir = Path(b["workdir"]).expanduser() if "workdir" in b else path.resolve().parent / ".dsparse" / "boards" / name
+        return Target(name, "127.0.0.1", 22, None, [], None, b.get("python") or sys.executable, str(workdir),
+                      True, limit, iface, kind)
+    ssh = lookup(b["host"])
+    identity = b.get("identity_file") or (ssh.get("identityfile") or [None])[0] or d.get("identity_file")
     identity = str(_relative_to(path, identity)) if identity else None
-    if identity and not Path(identity).exists():
-        raise ConfigError(f"{path}: identity file {identity} for board {b.name!r} does not exist",
-                          "fix identity_file or create the key with ssh-keygen")
-    port = b.port or _int(ssh.get("port")) or d.port or 22
-    user = b.user or ssh.get("user") or d.user
-    known_hosts = str(_relative_to(path, d.known_hosts)) if d.known_hosts else None
-    return Target(b.name, ssh.get("hostname", b.host), port, user,
-                  [str(Path(identity).expanduser())] if identity else [], ssh.get("proxycommand"),
-                  python, workdir, False, b.memory_limit, b.iface, b.kind, known_hosts)
+    error = None
+    if identity and not Path(identity).exists():   # only this board's problem, raised when it is contacted
+        error = (f"{path}: line {line}: board {name!r}: identity file {identity} does not exist "
+                 "(fix identity_file or create the key with ssh-keygen)")
+    known_hosts = str(_relative_to(path, d["known_hosts"])) if "known_hosts" in d else None
+    return Target(name, ssh.get("hostname", b["host"]), b.get("port") or int(ssh.get("port", 0)) or d.get("port") or 22,
+                  b.get("user") or ssh.get("user") or d.get("user"), [identity] if identity else [],
+                  ssh.get("proxycommand"), b.get("python") or d.get("python") or DEFAULT_PYTHON,
+                  b.get("workdir") or d.get("workdir") or DEFAULT_WORKDIR, False, limit, iface, kind, known_hosts, error)
 
 
 def _relative_to(inventory: Path, value: str) -> Path:
@@ -292,10 +317,3 @@ def _relative_to(inventory: Path, value: str) -> Path:
     p = Path(value).expanduser()
     return p if p.is_absolute() else inventory.resolve().parent / p
 
-
-def _first(value):
-    return value[0] if isinstance(value, list) and value else value
-
-
-def _int(value) -> int | None:
-    return int(value) if value else None

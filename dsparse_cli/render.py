@@ -1,51 +1,103 @@
 """Every table the commands show, built from plain documents (probe results, plan, board rows,
-job summary). Nothing here reads files or reaches boards; callers print what it returns."""
+job summary). Nothing here reads files or reaches boards; callers print what it returns.
+
+Tables fit the console they are printed on: every column when the table fits (or `wide` is set),
+else only its essential columns. Cells never wrap or get cut. A failed board's error is a line of
+its own under the table; it stays one line when printed with `console.print(..., soft_wrap=True)`.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Mapping
+from typing import Iterable, Mapping
 
-from rich.console import Group
-from rich.markup import escape
+from rich.console import Console, ConsoleOptions, Group, RenderResult
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
 from dsparse_cli.contract import BoardStatus
 from dsparse_cli.sizes import format_size
 
+# Set by the app's --wide: every table shows all its columns, however wide (print with soft_wrap=True
+# so that lines wider than the terminal are not cropped).
+wide: bool = False
+
 _STATE_COLOURS = {BoardStatus.FINISHED: "green", BoardStatus.FAILED: "red", BoardStatus.STALE: "yellow",
                   BoardStatus.UNREACHABLE: "red"}
+_UNLIMITED = 100_000  # a width no table reaches: measuring with it gives a table's natural width
 
 
-def _table(title: str, columns, **column) -> Table:
-    t = Table(title=title, title_justify="left")
-    for col in columns:
-        t.add_column(col, **column)
-    return t
+class FitTable:
+    """A table that shows as many columns as fit the console: all of them, else its `essential`
+    ones (in order of importance: the last is dropped first while even those do not fit).
+    Rows and `caption` may be added until it is printed; it is laid out anew at every render."""
+
+    def __init__(self, title: str, columns: Iterable[str], essential: Iterable[str]):
+        self.title, self.columns, self.essential = title, tuple(columns), tuple(essential)
+        self.caption: str | None = None
+        self.rows: list[tuple] = []
+
+    def add_row(self, *cells) -> None:
+        self.rows.append(cells)
+
+    def table(self, columns: Iterable[str] | None = None) -> Table:
+        """The Rich table of the given columns (all by default), in the table's own order."""
+        keep = [i for i, c in enumerate(self.columns) if columns is None or c in columns]
+        t = Table(title=self.title, title_justify="left", caption=self.caption)
+        for i in keep:
+            t.add_column(self.columns[i], no_wrap=True)
+        for row in self.rows:
+            t.add_row(*(row[i] for i in keep))
+        return t
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        if wide:  # every column at its natural width, however wide
+            full = self.table()
+            yield from console.render(full, options.update_width(_natural_width(console, options, full)))
+            return
+        choices = [None] + [self.essential[:n] for n in range(len(self.essential), 1, -1)]
+        for columns in choices:
+            table = self.table(columns)
+            if _natural_width(console, options, table) <= options.max_width:
+                break
+        yield table  # the narrowest when none fits: Rich shortens its cells
 
 
-def probe_table(cluster: str, infos) -> Table:
-    t = _table(f"cluster {cluster}", ("board", "kind", "model", "arch", "cpus", "mem total", "available",
-                                      "cgroup limit", "usable", "torch", "address"), overflow="fold")
+def _natural_width(console: Console, options: ConsoleOptions, table: Table) -> int:
+    """The width a table takes when no cell is wrapped or shortened."""
+    return Measurement.get(console, options.update_width(_UNLIMITED), table).maximum
+
+
+def error_lines(errors: Iterable[tuple[str, str]]) -> list[Text]:
+    """One `board: message` line per failed board, plain text (no markup in the message)."""
+    return [Text.assemble((name, "red"), ": ", message) for name, message in errors]
+
+
+def probe_table(cluster: str, infos) -> Group:
+    """The probed boards; a failed board's row says `failed` and its error follows the table."""
+    t = FitTable(f"cluster {cluster}", ("board", "kind", "model", "arch", "cpus", "mem total", "available",
+                                        "cgroup limit", "usable", "torch", "address"),
+                 essential=("board", "kind", "usable", "address", "torch"))
     for i in infos:
         if not i.ok:
-            t.add_row(f"[red]{i.name}[/]", f"[red]failed: {escape(i.error)}[/]", *[""] * 9)
+            t.add_row(Text(i.name, "red"), Text("failed", "red"), *[""] * 9)
             continue
         t.add_row(i.name, i.kind or "-", i.model or "-", i.arch or "-", str(i.cpus or "-"),
                   format_size(i.mem_total_bytes), format_size(i.mem_available_bytes),
                   format_size(i.cgroup_limit_bytes), f"[bold]{format_size(i.usable_memory_bytes)}[/]",
                   i.torch or "[yellow]missing[/]", f"{i.address or '-'} ({i.iface or '-'})")
-    return t
+    return Group(t, *error_lines((i.name, i.error or "failed") for i in infos if not i.ok))
 
 
 def plan_view(doc: dict) -> Group:
     """The devices' table (with measured vs predicted after --verify), then the aggregation groups."""
     names = {u["index"]: u["name"] for u in doc["units"]}
     verify = any("measured_peak_bytes" in d for d in doc["devices"])
-    t = _table(f"plan: {doc['model']}, batch {doc['batch_size']}, {doc['optimizer']} ({len(doc['units'])} units)",
-               ("rank", "board", "budget", "predicted peak", "full-update peak", "training saving", "units updated")
-               + (("measured training / predicted",) if verify else ()))
+    t = FitTable(f"plan: {doc['model']}, batch {doc['batch_size']}, {doc['optimizer']} ({len(doc['units'])} units)",
+                 ("rank", "board", "budget", "predicted peak", "full-update peak", "training saving", "units updated")
+                 + (("measured training / predicted",) if verify else ()),
+                 essential=("rank", "board", "units updated", "budget", "predicted peak"))
     for d in doc["devices"]:
         full_t, pred_t = d.get("full_update_training_bytes"), d.get("predicted_training_bytes")
         units = d["units"]
@@ -60,20 +112,22 @@ def plan_view(doc: dict) -> Group:
     if doc.get("launcher_bytes"):
         parts.append(Text(f"peaks are the worker's; each budget also holds torchrun's agent "
                           f"({format_size(doc['launcher_bytes'])} of private memory)"))
-    g = _table("aggregation groups (created in this order on every rank)",
-               ("group", "op", "ranks", "root", "units", "bytes/step"))
+    g = FitTable("aggregation groups (created in this order on every rank)",
+                 ("group", "op", "ranks", "root", "units", "bytes/step"),
+                 essential=("group", "op", "ranks", "units", "bytes/step"))
     for grp in doc["groups"]:
         g.add_row(str(grp.get("id", "")), grp["op"], ",".join(map(str, grp["ranks"])), str(grp.get("root", "")),
                   unit_ranges(grp["units"]), format_size(grp["bytes_per_step"]))
     return Group(*parts, g)
 
 
-def train_summary(summary: dict) -> Table:
+def train_summary(summary: dict) -> FitTable:
     """`dsparse train`'s last word: each board's measured memory and traffic against the plan."""
     accuracy = summary["accuracy"] if summary["accuracy"] is not None else "-"
-    t = _table(f"job {summary['job']}: {summary['state']}, accuracy {accuracy}",
-               ("board", "units", "peak training mem", "predicted", "full update", "saving", "agg ms/step",
-                "bytes/step"))
+    t = FitTable(f"job {summary['job']}: {summary['state']}, accuracy {accuracy}",
+                 ("board", "units", "peak training mem", "predicted", "full update", "saving", "agg ms/step",
+                  "bytes/step"),
+                 essential=("board", "units", "peak training mem", "predicted", "saving"))
     for b in summary["boards"]:
         full, predicted = b.get("full_update_training_bytes"), b.get("predicted_training_bytes")
         t.add_row(b["name"], unit_ranges(b["units"]), format_size(b.get("peak_memory_bytes")),
@@ -82,11 +136,13 @@ def train_summary(summary: dict) -> Table:
     return t
 
 
-def board_table(title: str, rows: list[dict], budgets: Mapping[str, int | None] | None = None) -> Table:
+def board_table(title: str, rows: list[dict], budgets: Mapping[str, int | None] | None = None) -> FitTable:
     """One row per board of a running job (the follower's live view, `dsparse status`). A board's
-    budget is budgets[name] when given, else the row's own budget_bytes."""
-    t = _table(title, ("board", "state", "epoch", "step", "loss", "acc", "samples/s", "process peak / budget",
-                       "agg ms/step", "bytes/step", "hb age"))
+    budget is budgets[name] when given, else the row's own budget_bytes. Errors are not cells:
+    the caller prints them under the table (`error_lines`)."""
+    t = FitTable(title, ("board", "state", "epoch", "step", "loss", "acc", "samples/s", "peak / budget",
+                         "agg ms/step", "bytes/step", "hb age"),
+                 essential=("board", "state", "step", "peak / budget", "loss", "acc"))
     for r in rows:
         colour = _STATE_COLOURS.get(r["state"], "")
         budget = budgets.get(r["name"]) if budgets is not None else r.get("budget_bytes")
@@ -99,7 +155,7 @@ def board_table(title: str, rows: list[dict], budgets: Mapping[str, int | None] 
     return t
 
 
-def status_table(doc: dict) -> Table:
+def status_table(doc: dict) -> FitTable:
     """`dsparse status`: the board table under a title that counts the boards in each state."""
     counts = Counter(b["state"] for b in doc["boards"])
     parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 _UNITS = {
-    "": 1, "b": 1,
+    "b": 1,
     "k": 1024, "kib": 1024, "kb": 1000,
     "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
     "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
@@ -13,21 +13,27 @@ _UNITS = {
 }
 
 
-def parse_size(value: str | int) -> int:
-    """'2GiB', '1500MiB', '512M', '2GB', 1073741824 -> bytes. K/M/G are binary, KB/MB/GB decimal."""
-    if isinstance(value, bool):
-        raise ValueError(f"not a memory size: {value!r}")
-    if isinstance(value, int):
-        if value <= 0:
-            raise ValueError(f"memory size must be positive, got {value}")
-        return value
+def parse_size(value: str) -> int:
+    """'2GiB', '1500MiB', '512M', '2GB', '4096B' -> bytes. K/M/G are binary, KB/MB/GB decimal.
+    A number without a unit is refused: `2048` meant 2048 bytes to nobody. Every ValueError's
+    message starts with the value, so a caller can put the key's name before it."""
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"not a memory size: {value!r} (use a number with B, KiB, MiB, GiB, KB, MB or GB)")
-    size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    unit = m.group(2).lower() if m and not isinstance(value, bool) else None
+    if unit is None or unit and unit not in _UNITS:
+        raise ValueError(f"{value} is not a memory size (write a number and a unit: B, KiB, MiB, GiB, KB, MB or GB)")
+    if not unit:
+        raise ValueError(f"{value} has no unit (write {_suggest(float(m.group(1)))})")
+    size = int(float(m.group(1)) * _UNITS[unit])
     if size <= 0:
-        raise ValueError(f"memory size must be positive, got {value!r}")
+        raise ValueError(f"{value} is not more than zero (write the size to allow, e.g. 2GiB)")
     return size
+
+
+def _suggest(n: float) -> str:
+    """What a size without a unit probably meant: 2048 -> '2048MiB or 2GiB', 2 -> '2GiB'."""
+    if n < 64:
+        return f"{n:g}GiB"
+    return f"{n:g}MiB or {n / 1024:g}GiB" if n % 1024 == 0 else f"{n:g}MiB"
 
 
 def format_size(n: int | float | None) -> str:

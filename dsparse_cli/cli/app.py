@@ -1,5 +1,6 @@
-"""The `dsparse` Typer app and what its commands share: options, loading the inventory, JSON output,
-and ending with an exit code. Command modules import this; it imports none of them."""
+"""The `dsparse` Typer app and what its commands share: the app's options, loading the inventory,
+JSON output, and ending with an exit code. Command modules import this; it imports none of them.
+It imports typer and nothing heavy: `dsparse --help` must answer at once."""
 
 from __future__ import annotations
 
@@ -7,16 +8,18 @@ import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from typer.core import TyperGroup
 
-from dsparse_cli.console import info
-from dsparse_cli.inventory import Inventory, load_inventory
+from dsparse_cli import __version__
+
+if TYPE_CHECKING:
+    from dsparse_cli.inventory import Inventory
 
 # The app's own options, as parsed (one command per process); main() reads `verbose` after an error.
-options = SimpleNamespace(cluster=None, connect_timeout=10.0, verbose=False)
+options = SimpleNamespace(cluster=None, connect_timeout=10.0, verbose=False, json=False, wide=False)
 
 
 class _App(TyperGroup):
@@ -37,7 +40,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,  # plain help: flags shown as flags, and rich is not imported for --help
 )
 
 
@@ -47,20 +50,40 @@ def _keep(ctx: typer.Context, param: typer.CallbackParam, value) -> None:
         setattr(options, param.name, value)
 
 
+def _keep_wide(ctx: typer.Context, param: typer.CallbackParam, value: bool) -> None:
+    _keep(ctx, param, value)
+    if options.wide:
+        from dsparse_cli import render
+
+        render.wide = True
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"dsparse {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _app_options(
     cluster: Optional[Path] = typer.Option(
         None, "--cluster", "-c", help="Inventory file (default ./cluster.yaml; built-in demo cluster if absent).",
         dir_okay=False, callback=_keep, expose_value=False),
-    connect_timeout: float = typer.Option(options.connect_timeout, "--connect-timeout",
+    connect_timeout: float = typer.Option(options.connect_timeout, "--connect-timeout", min=0.1, metavar="<seconds>",
                                           help="Seconds to wait for each board.", callback=_keep, expose_value=False),
+    json: bool = typer.Option(False, "--json", help="Print machine-readable JSON to stdout.",
+                              callback=_keep, expose_value=False),
+    wide: bool = typer.Option(False, "--wide", help="Show every table column, even past the terminal's width.",
+                              callback=_keep_wide, expose_value=False),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors.",
                                  callback=_keep, expose_value=False),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True,
+                                 callback=_version, expose_value=False),
 ) -> None:
-    """Declares the app's options; `_keep` stores them in `options` (they are never passed here)."""
+    """Declares the app's options; `_keep` stores each in `options` under its parameter's name (they
+    are never passed here)."""
 
 
-JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON to stdout.")
 AcceptNewOpt = typer.Option(False, "--accept-new-host-keys",
                             help="Record host keys of boards not yet in ~/.ssh/known_hosts.")
 
@@ -70,10 +93,16 @@ def done(code: int) -> None:
     raise typer.Exit(code)
 
 
-def inventory(*, quiet: bool = False) -> Inventory:
-    """Load --cluster (or ./cluster.yaml); say so when falling back to the built-in demo cluster."""
+def inventory() -> Inventory:
+    """Load --cluster (or ./cluster.yaml) and print its warnings; say so when falling back to the
+    built-in demo cluster (unless --json)."""
+    from dsparse_cli.console import info, warning
+    from dsparse_cli.inventory import load_inventory
+
     inv = load_inventory(options.cluster)
-    if inv.builtin and not quiet:
+    for message in inv.warnings:
+        warning(message)
+    if inv.builtin and not options.json:
         info("no cluster.yaml here: using the built-in demo cluster of "
              f"{len(inv.boards)} local simulated boards (see cluster.yaml.example)")
     return inv

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from dsparse_cli import render
-from dsparse_cli.cli.app import AcceptNewOpt, JsonOpt, app, done, inventory, options, print_json
-from dsparse_cli.console import console
+from dsparse_cli.cli.app import AcceptNewOpt, app, done, inventory, options, print_json
 from dsparse_cli.errors import EXIT_OK
 
 
@@ -15,7 +13,7 @@ def plan(
     model: str = typer.Option("mobilenet_v2", help="mobilenet_v2, mobilenet_v3_small, resnet18, shufflenet_v2_x0_5, tiny_cnn."),
     batch_size: int = typer.Option(64, "--batch-size", help="Per-board batch size."),
     image_size: int = typer.Option(32, "--image-size", help="Input height and width."),
-    num_classes: int = typer.Option(10, "--num-classes"),
+    num_classes: int = typer.Option(10, "--num-classes", help="Classes the model's head predicts."),
     optimizer: str = typer.Option("sgd-momentum", help="sgd, sgd-momentum or adam."),
     headroom: float = typer.Option(0.15, help="Fraction of usable memory kept free."),
     sync_every: int = typer.Option(1, "--sync-every", help="Broadcast updated weights every N steps."),
@@ -27,25 +25,27 @@ def plan(
     verify: bool = typer.Option(False, "--verify", help="Check the plan on this machine, not on the boards: one real "
                                 "training step per planned device, each in a fresh process; show measured vs predicted."),
     accept_new_host_keys: bool = AcceptNewOpt,
-    json_out: bool = JsonOpt,
 ) -> None:
     """Plan which units each board trains, and the AllReduce/Broadcast groups that aggregate them.
 
     Budgets and peaks are whole-process bytes: the measured process base plus training memory."""
+    from dsparse_cli import render
+    from dsparse_cli.console import show
     from dsparse_cli.planning import make
 
-    inv = inventory(quiet=json_out)
+    quiet = options.json
+    inv = inventory()
     if probe_first:
-        make.probe_if_needed(inv, options.connect_timeout, accept_new_host_keys, json_out)
+        make.probe_if_needed(inv, options.connect_timeout, accept_new_host_keys, quiet)
     doc = make.make_plan(inv, model=model, batch_size=batch_size, image_size=image_size, num_classes=num_classes,
                          optimizer=optimizer, headroom=headroom, sync_every=sync_every, importance=importance,
-                         allow_frozen=allow_frozen, exclude_small=exclude_small, quiet=json_out)
+                         allow_frozen=allow_frozen, exclude_small=exclude_small, quiet=quiet)
     if verify:
-        make.verify(doc, json_out)
+        make.verify(doc, quiet)
     if push:
-        make.push(inv, doc, options.connect_timeout, accept_new_host_keys, json_out)
-    if json_out:
+        make.push(inv, doc, options.connect_timeout, accept_new_host_keys, quiet)
+    if options.json:
         print_json(doc)
     else:
-        console.print(render.plan_view(doc))
+        show(render.plan_view(doc))
     done(EXIT_OK)

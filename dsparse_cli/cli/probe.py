@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from dsparse_cli import render
-from dsparse_cli.cli.app import AcceptNewOpt, JsonOpt, app, done, inventory, options, print_json
-from dsparse_cli.console import console, info, spinner
+from dsparse_cli.cli.app import AcceptNewOpt, app, done, inventory, options, print_json
 from dsparse_cli.errors import EXIT_BOARD_FAILED, EXIT_OK
 
 CONTRACT_KEYS = ("name", "ok", "error", "kind", "model", "arch", "cpus", "mem_total_bytes",
@@ -13,21 +11,23 @@ CONTRACT_KEYS = ("name", "ok", "error", "kind", "model", "arch", "cpus", "mem_to
 
 
 @app.command()
-def probe(json_out: bool = JsonOpt, accept_new_host_keys: bool = AcceptNewOpt) -> None:
-    """Measure every board: memory (incl. cgroup limits), model, CPUs, torch, network.
+def probe(accept_new_host_keys: bool = AcceptNewOpt) -> None:
+    """Measure every board: memory (with cgroup limits), model, CPUs, torch, network.
 
     Exit 0 when every board answered, 1 when any failed. Results are cached in
     .dsparse/probe.json next to the inventory."""
+    from dsparse_cli import render
+    from dsparse_cli.console import info, show, spinner
     from dsparse_cli.probing.collect import probe_all, write_cache
 
-    inv = inventory(quiet=json_out)
-    with spinner(f"probing {len(inv.boards)} boards...", quiet=json_out):
+    inv = inventory()
+    with spinner(f"probing {len(inv.boards)} boards...", quiet=options.json):
         infos = probe_all(inv, connect_timeout=options.connect_timeout, accept_new_host_keys=accept_new_host_keys)
     cache = write_cache(inv, infos)
-    if json_out:
+    if options.json:
         print_json({"cluster": inv.name, "boards": [_contract(i.model_dump(mode="json")) for i in infos]})
     else:
-        console.print(render.probe_table(inv.name, infos))
+        show(render.probe_table(inv.name, infos))
         info(f"cached in {cache}")
     done(EXIT_OK if all(i.ok for i in infos) else EXIT_BOARD_FAILED)
 

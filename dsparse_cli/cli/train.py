@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
-from rich.markup import escape
 
-from dsparse_cli import render
-from dsparse_cli.cli.app import AcceptNewOpt, JsonOpt, app, done, inventory, options, print_json
-from dsparse_cli.console import console, err_console, error, info, success, warning
+from dsparse_cli.cli.app import AcceptNewOpt, app, done, inventory, options, print_json
 from dsparse_cli.contract import COMPRESSOR_OPTIONS, JobSpec, JobState
 from dsparse_cli.errors import EXIT_BOARD_FAILED, EXIT_INTERRUPTED, EXIT_OK, ConfigError
-from dsparse_cli.inventory import Inventory
+
+if TYPE_CHECKING:
+    from dsparse_cli.inventory import Inventory
 
 SPEC, TOPK, PBGC = JobSpec(), COMPRESSOR_OPTIONS["topk"], COMPRESSOR_OPTIONS["pbgc"]   # the defaults
 
@@ -23,33 +22,44 @@ def train(
     dataset: str = typer.Option(SPEC.dataset, help="digits (bundled, no network), cifar10, or synthetic."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Dataset folder (cifar10)."),
     download: bool = typer.Option(False, "--download", help="Download cifar10 into --data-dir if missing."),
-    epochs: int = typer.Option(SPEC.epochs, help="Epochs to train."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps in total."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Per-board batch (default: the plan's)."),
-    lr: float = typer.Option(SPEC.lr, help="Learning rate (cosine-decayed over the run)."),
+    epochs: int = typer.Option(SPEC.epochs, min=1, metavar="<int>", help="Epochs to train."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, metavar="<int>",
+                                            help="Stop after this many steps in total."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, metavar="<int>",
+                                             help="Per-board batch (default: the plan's)."),
+    lr: float = typer.Option(SPEC.lr, min=0.0, metavar="<float>", help="Learning rate (cosine-decayed over the run)."),
     optimizer: Optional[str] = typer.Option(None, help="sgd, sgd-momentum or adam (default: the plan's)."),
-    seed: int = typer.Option(SPEC.seed, help="Seed for model init and data order."),
-    sync_every: Optional[int] = typer.Option(None, "--sync-every", help="Broadcast interval (default: the plan's)."),
+    seed: int = typer.Option(SPEC.seed, min=0, metavar="<int>", help="Seed for model init and data order."),
+    sync_every: Optional[int] = typer.Option(None, "--sync-every", min=1, metavar="<int>",
+                                             help="Broadcast interval (default: the plan's)."),
     compression: str = typer.Option(SPEC.compression["name"], help="Gradient compression: none, fp16, topk or pbgc."),
-    density: float = typer.Option(TOPK["density"], help="topk: fraction of gradient values sent."),
-    key_fraction: float = typer.Option(PBGC["key_fraction"], "--key-fraction", help="pbgc: fraction sent at full precision."),
-    entropy_bins: int = typer.Option(PBGC["entropy_bins"], "--entropy-bins", help="pbgc: histogram bins for the entropy threshold."),
-    warmup_steps: int = typer.Option(PBGC["warmup_steps"], "--warmup-steps", help="topk/pbgc: steps before full compression."),
+    density: float = typer.Option(TOPK["density"], min=1e-6, max=1.0, metavar="<fraction>",
+                                  help="topk: fraction of gradient values sent."),
+    key_fraction: float = typer.Option(PBGC["key_fraction"], "--key-fraction", min=1e-6, max=0.5, metavar="<fraction>",
+                                       help="pbgc: fraction sent at full precision."),
+    entropy_bins: int = typer.Option(PBGC["entropy_bins"], "--entropy-bins", min=2, max=4096, metavar="<int>",
+                                     help="pbgc: histogram bins for the entropy threshold."),
+    warmup_steps: int = typer.Option(PBGC["warmup_steps"], "--warmup-steps", min=0, metavar="<int>",
+                                     help="topk/pbgc: steps before full compression."),
     resume: bool = typer.Option(False, "--resume", help="Continue the latest job from its checkpoints."),
     detach: bool = typer.Option(False, "--detach", help="Start the job and return at once."),
-    master_port: Optional[int] = typer.Option(None, "--master-port", help="Rendezvous port (default: inventory's)."),
-    collective_timeout: float = typer.Option(SPEC.collective_timeout_s, "--collective-timeout", help="Seconds before a collective gives up."),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Also checkpoint every N steps."),
+    master_port: Optional[int] = typer.Option(None, "--master-port", min=1, max=65535, metavar="<port>",
+                                              help="Rendezvous port (default: inventory's)."),
+    collective_timeout: float = typer.Option(SPEC.collective_timeout_s, "--collective-timeout", min=1.0,
+                                             metavar="<seconds>", help="Seconds before a collective gives up."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", min=1, metavar="<int>",
+                                                   help="Also checkpoint every N steps."),
     accept_new_host_keys: bool = AcceptNewOpt,
-    json_out: bool = JsonOpt,
 ) -> None:
     """Train on every board under the plan (made on the fly if there is none). Exit 0 only when every
     board finished; 1 when a board failed (the others are stopped); 130 on Ctrl-C."""
+    from dsparse_cli.console import info, success
     from dsparse_cli.contract import plan_hash
     from dsparse_cli.jobs import records
     from dsparse_cli.jobs.launch import start_job
 
-    inv = inventory(quiet=json_out)
+    json_out = options.json
+    inv = inventory()
     if master_port:
         inv.master_port = master_port
     plan = _current_plan(inv, quiet=json_out)
@@ -109,6 +119,10 @@ def _resumed_options(opts, previous: dict | None, ctx: typer.Context):
 
 
 def _follow(inv: Inventory, rec, plan: dict, transports, json_out: bool) -> int:
+    from rich.markup import escape
+
+    from dsparse_cli import render
+    from dsparse_cli.console import err_console, error, show, warning
     from dsparse_cli.jobs import records
     from dsparse_cli.jobs.follow import Follower
     from dsparse_cli.jobs.status import stopped_on_request
@@ -125,16 +139,18 @@ def _follow(inv: Inventory, rec, plan: dict, transports, json_out: bool) -> int:
         warning(f"job {rec.id} was stopped by `dsparse stop` (resume with `dsparse train --resume`)")
         return EXIT_INTERRUPTED
     if outcome.state == JobState.FAILED:
+        # Named as soon as it is known (with the error, on stderr: stdout may be --json); stopping
+        # the others can take a while when one of them is cut off.
+        error(f"board {outcome.failed_board} failed: {outcome.error}; stopping the other boards "
+              "(resume with `dsparse train --resume`)")
+        for line in outcome.last_lines:
+            err_console.print(f"  [dim]{outcome.failed_board} |[/] {escape(line)}", highlight=False)
         stopped = stop_job(inv, rec, transports=transports, state=JobState.FAILED)
         rec.advance(JobState.FAILED)
         rec.failed_board, rec.error = outcome.failed_board, outcome.error
         records.save(inv.state_dir, rec)
         if json_out:
             print_json(_summary_doc(rec, plan, outcome.rows))
-        error(f"board {outcome.failed_board} failed: {outcome.error}; the other boards were stopped "
-              "(resume with `dsparse train --resume`)")
-        for line in outcome.last_lines:  # with the error, on stderr: stdout may be --json
-            err_console.print(f"  [dim]{outcome.failed_board} |[/] {escape(line)}", highlight=False)
         for res in stopped:
             if not res.ok:
                 warning(f"could not stop board {res.name}: {res.error}")
@@ -147,7 +163,7 @@ def _follow(inv: Inventory, rec, plan: dict, transports, json_out: bool) -> int:
     if json_out:
         print_json(rec.summary)
     else:
-        console.print(render.train_summary(rec.summary))
+        show(render.train_summary(rec.summary))
     return EXIT_OK
 
 
@@ -186,6 +202,7 @@ def _all_cuda(plan: dict) -> bool:
 
 def _current_plan(inv: Inventory, *, quiet: bool) -> dict:
     """The plan in .dsparse/plan.json; made on the fly with default options when there is none."""
+    from dsparse_cli.console import info
     from dsparse_cli.planning.planfile import load_plan
 
     path = inv.state_dir / "plan.json"

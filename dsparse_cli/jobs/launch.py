@@ -177,9 +177,12 @@ def run_dir_for(target: Target, job_id: str) -> str:
 
 
 def new_record(inv: Inventory, plan: Plan, job_id: str, hash_of_plan: str) -> JobRecord:
-    boards = [BoardRun(d.name, d.rank, inv.board(d.name).local, run_dir_for(inv.board(d.name), job_id))
-              for d in plan.devices]
-    return JobRecord(job_id, inv.name, str(inv.path) if inv.path else None, hash_of_plan,
+    """The job's record: each board's target as resolved now (so stop/status/logs reach it even
+    after cluster.yaml changes) and the cluster file by its absolute path (found from anywhere)."""
+    targets = [inv.board(d.name) for d in plan.devices]
+    boards = [BoardRun(d.name, d.rank, t.local, run_dir_for(t, job_id), target=t)
+              for d, t in zip(plan.devices, targets)]
+    return JobRecord(job_id, inv.name, str(inv.path.resolve()) if inv.path else None, hash_of_plan,
                      inv.master_addr, inv.master_port, boards)
 
 
@@ -290,7 +293,7 @@ def start_job(inv: Inventory, doc: dict, opts: JobSpec, *, connect_timeout: floa
     world = len(rec.boards)
 
     def stage(run: BoardRun):
-        target = by_name[run.name]
+        target = run.target = by_name[run.name]   # a resume reaches boards as cluster.yaml says now
         transport = connect(target, connect_timeout=connect_timeout, accept_new_host_keys=accept_new_host_keys)
         try:
             if not target.local:

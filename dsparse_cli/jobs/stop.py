@@ -1,4 +1,8 @@
-"""Stop a job: exactly the process groups it recorded, SIGTERM first, SIGKILL after a grace period."""
+"""Stop a job: exactly the process groups it recorded, SIGTERM first, SIGKILL after a grace period.
+
+A job is `stopped` only once every recorded process is gone: a board that cannot be reached, or
+whose processes survive, leaves the job `stopping` and is named in the results.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,12 @@ import time
 
 from dsparse_cli.contract import JobState
 from dsparse_cli.errors import RemoteError
-from dsparse_cli.inventory import Inventory
+from dsparse_cli.inventory import Inventory, Target
 from dsparse_cli.jobs import records
 from dsparse_cli.jobs.boardio import read_state
+from dsparse_cli.jobs.reach import each_board
 from dsparse_cli.jobs.records import BoardRun, JobRecord
-from dsparse_cli.remote import BoardResult, connect, fan_out
+from dsparse_cli.remote import BoardResult, connect
 from dsparse_cli.remote.base import Transport
 
 GRACE_S = 10.0
@@ -52,20 +57,32 @@ def stop_board(transport: Transport, run: BoardRun, grace_s: float = GRACE_S) ->
 def stop_job(inv: Inventory, rec: JobRecord, *, transports: dict[str, Transport] | None = None,
              grace_s: float = GRACE_S, connect_timeout: float = 10.0,
              state: JobState = JobState.STOPPED) -> list[BoardResult]:
-    """Stop every board of the job in parallel. Boards that cannot be reached are results, not errors."""
+    """Stop every board that recorded a process, in parallel, reaching each through `transports`
+    or `inv` (for `dsparse stop`: the job's recorded targets, see `reach.open_job`). The job moves
+    to `state` only when every recorded process is gone; unreachable boards are results, not errors."""
     transports = transports or {}
-    by_name = {b.name: b for b in inv.boards}
 
-    def one(target):
-        run = next(r for r in rec.boards if r.name == target.name)
-        transport = transports.get(run.name) or connect(target, connect_timeout=connect_timeout)
-        return stop_board(transport, run, grace_s)
+    def one(run: BoardRun, target: Target) -> list[int]:
+        if run.name in transports:
+            return stop_board(transports[run.name], run, grace_s)
+        with connect(target, connect_timeout=connect_timeout) as transport:
+            return stop_board(transport, run, grace_s)
 
     if rec.state in (JobState.STARTING, JobState.RUNNING):
         rec.advance(JobState.STOPPING)  # so `status` reads the boards' "stopped" heartbeats as asked for
         records.save(inv.state_dir, rec)
-    results = fan_out([by_name[r.name] for r in rec.boards if r.process_groups() and r.name in by_name], one)
-    if rec.state == JobState.STOPPING:
+    results = each_board(inv, [r for r in rec.boards if r.process_groups()], one)
+    if rec.state == JobState.STOPPING and all(r.ok and not r.value for r in results):
         rec.advance(state)
     records.save(inv.state_dir, rec)
     return results
+
+
+def outcome(result: BoardResult) -> dict:
+    """One board of `stop --json`: `stopped`, `alive` (pids that survived SIGKILL) or `unreachable`."""
+    if not result.ok:
+        return {"name": result.name, "state": "unreachable", "alive": None, "error": result.error}
+    if result.value:
+        return {"name": result.name, "state": "alive", "alive": result.value,
+                "error": f"processes still alive after SIGKILL: {result.value}"}
+    return {"name": result.name, "state": "stopped", "alive": [], "error": None}

@@ -21,7 +21,9 @@ __all__ = ["TIMEOUT_RC", "BoardResult", "Detached", "LocalTransport", "RunResult
 
 def connect(target: "Target", *, connect_timeout: float, accept_new_host_keys: bool = False,
             known_hosts: str | None = None) -> Transport:
-    """Open a transport to ``target``; raises RemoteError/ConfigError with one clear line."""
+    """Open a transport to ``target``; raises RemoteError/ConfigError with one clear line (a
+    board whose cluster.yaml entry is broken fails here, when it is used, not at load)."""
+    target.check()
     if target.local:
         return LocalTransport(target)
     from dsparse_cli.remote.ssh import SSHTransport

@@ -122,11 +122,13 @@ def test_changed_host_key_always_refused(tmp_path, sshd):
         assert "changed" in doc["boards"][0]["error"].lower()
 
 
-def test_missing_identity_file_is_config_error(tmp_path, sshd):
+def test_missing_identity_file_fails_that_board_only(tmp_path, sshd):
+    """A broken entry is an error for the commands that use that board (issue #16): the probe
+    reports it as the board's failure, exit 1, and the file still loads for every other command."""
     path = cluster(tmp_path, sshd, key=tmp_path / "no_such_key")
-    proc = run_cli("probe", "--cluster", str(path), cwd=tmp_path)
-    assert proc.returncode == 2
-    assert "identity file" in one_line_error(proc)
+    proc, doc = probe_json(tmp_path, path)
+    assert proc.returncode == 1
+    assert "identity file" in doc["boards"][0]["error"] and "does not exist" in doc["boards"][0]["error"]
 
 
 def test_probe_script_crash_is_reported(tmp_path, sshd):

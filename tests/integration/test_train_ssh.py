@@ -300,6 +300,40 @@ def test_detach_watch_stop_leaves_nothing(cluster):
     assert status["state"] == "stopped" and [b["state"] for b in status["boards"]] == ["stopped"] * 3
 
 
+
+def test_status_logs_stop_after_cluster_yaml_changed_from_elsewhere(cluster, tmp_path):
+    """Issues #14 and #16 over SSH: once the job runs, cluster.yaml renames b1, moves b2 to another
+    port and gains a board whose identity file is missing. From another directory, with no
+    --cluster, status/logs/stop still find the job and reach every board as the job recorded it."""
+    c = cluster
+    before = _latest(c)
+    proc = run_cli(*TRAIN, "--epochs", "5", "--detach", cwd=c.dir, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job = _running_job(c, before and before["id"], min_step=1)
+    broken = f"  - {{name: extra, host: 127.0.0.1, identity_file: {c.dir / 'no-such-key'}}}\n"
+    changed = c.yaml(ports={"b2": free_port()}).replace("name: b1\n", "name: b1-renamed\n") + broken
+    (c.dir / "cluster.yaml").write_text(changed)
+    try:
+        proc = run_cli("status", "--json", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        doc = json.loads(proc.stdout)
+        assert (doc["job"], doc["cluster"], doc["inventory"]) == (job["id"], "ssh3", str(c.dir / "cluster.yaml"))
+        assert [b["state"] for b in doc["boards"]] == ["running"] * 3
+        assert "board b1 is no longer in" in proc.stderr and "board b2 changed in" in proc.stderr
+        assert "internal error" not in proc.stderr
+
+        proc = run_cli("logs", "b1", "--json", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert any("[b1 rank 1]" in line for line in json.loads(proc.stdout)["boards"][0]["lines"])
+
+        proc = run_cli("stop", "--grace", "10", cwd=tmp_path, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert f"job {job['id']} stopped on 3 boards (cluster ssh3 ({c.dir / 'cluster.yaml'}))" in proc.stdout
+    finally:
+        (c.dir / "cluster.yaml").write_text(c.yaml())
+    _assert_nothing_left(_latest(c))
+    assert _latest(c)["state"] == "stopped"
+
 def test_ctrl_c_stops_every_board(cluster):
     c = cluster
     before = _latest(c)

@@ -48,18 +48,35 @@ def test_board_script_is_stdlib_only():
         assert name.split(".")[0] in STDLIB | {"__future__"}, name
 
 
-def _imports_torch(args: list[str], cwd: Path) -> tuple[bool, subprocess.CompletedProcess]:
+def _imported(args: list[str], cwd: Path) -> tuple[set[str], subprocess.CompletedProcess]:
+    """The modules `python -m dsparse_cli ARGS` imports, and the finished process."""
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "dsparse_cli", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=120)
     loaded = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    return loaded, proc
+
+
+def _imports_torch(args: list[str], cwd: Path) -> tuple[bool, subprocess.CompletedProcess]:
+    loaded, proc = _imported(args, cwd)
     return any(m == "torch" or m.startswith("torch.") for m in loaded), proc
 
 
-@pytest.mark.parametrize("args", [["--help"], ["probe", "--help"], ["status", "--help"], ["plan", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["probe", "--help"], ["status", "--help"], ["plan", "--help"],
+                                  ["train", "--help"], ["--version"], ["probe", "--version"]])
 def test_help_does_not_import_torch(args, tmp_path):
     torch_loaded, proc = _imports_torch(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not torch_loaded
+
+
+def test_help_loads_nothing_heavy(tmp_path):
+    """`dsparse --help` answers at once: beyond typer, no heavy library loads (bench/cli_startup.py
+    times it), and `--version` not even typer."""
+    heavy = {"torch", "rich", "yaml", "pydantic", "paramiko"}
+    loaded, _ = _imported(["--help"], tmp_path)
+    assert not {m for m in loaded if m.split(".")[0] in heavy}
+    loaded, _ = _imported(["--version"], tmp_path)
+    assert not {m for m in loaded if m.split(".")[0] in heavy | {"typer"}}
 
 
 def test_probe_does_not_import_torch(tmp_path):

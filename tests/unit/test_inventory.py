@@ -18,16 +18,22 @@ def write(tmp_path: Path, text: str) -> Path:
 
 @pytest.mark.parametrize("text,expected", [
     ("2GiB", 2 * 1024**3), ("1500MiB", 1500 * 1024**2), ("512M", 512 * 1024**2), ("2GB", 2 * 10**9),
-    ("1.5GiB", int(1.5 * 1024**3)), (4096, 4096), ("100 KiB", 100 * 1024),
+    ("1.5GiB", int(1.5 * 1024**3)), ("4096B", 4096), ("100 KiB", 100 * 1024),
 ])
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["2XB", "GiB", "-1GiB", "0", 0, "two gigs"])
+@pytest.mark.parametrize("bad", ["2XB", "GiB", "-1GiB", "0", 0, "two gigs", "0GiB", True, 4096, "4096"])
 def test_parse_size_rejects(bad):
     with pytest.raises(ValueError):
         parse_size(bad)
+
+
+@pytest.mark.parametrize("bare,fix", [(2048, "write 2048MiB or 2GiB"), ("1500", "write 1500MiB"), (2, "write 2GiB")])
+def test_size_without_unit_is_refused_with_the_fix(bare, fix):
+    with pytest.raises(ValueError, match=f"^{bare} has no unit \\({fix}\\)$"):
+        parse_size(bare)
 
 
 def test_format_size():
@@ -102,27 +108,93 @@ def test_no_file_falls_back_to_builtin(tmp_path, monkeypatch):
     assert load_inventory(None).builtin
 
 
+JARGON = ("Input should", "boards.0", "instance of", "Field required", "Value error", "validation error")
+
+
 @pytest.mark.parametrize("text,needle", [
     ("boards:\n  - {name: a, host: h\n", "malformed YAML"),
     ("boards:\n  - {name: a, host: h\n", "line 3"),
-    ("boards:\n  - name: a\n    hots: x\n", "unknown key 'hots'"),           # typo
-    ("boards:\n  - name: a\n    hots: x\n", "did you mean 'host'"),
-    ("boards:\n  - name: a\n    hots: x\n", "line 3"),
-    ("defaults: {usr: x}\nboards:\n  - {name: a, local: true}\n", "did you mean 'user'"),
-    ("boards:\n  - {name: a, local: true}\n  - {name: a, local: true}\n", "duplicate board name 'a'"),
-    ("boards:\n  - {name: a}\n", "has no host"),
-    ("boards:\n  - {name: a, local: true, memory_limit: 2XB}\n", "not a memory size"),
-    ("boards:\n  - {name: a, host: h, identity_file: /nonexistent/key}\n", "identity file /nonexistent/key"),
-    ("boards: []\n", "boards"),
+    ("boards:\n  - name: a\n    hots: x\n", "line 3: board 'a': unknown key 'hots' (did you mean 'host'?)"),
+    ("boards:\n  - {name: a, host: h, color: red}\n", "unknown key 'color' (valid keys: name, host, user,"),
+    ("defaults: {usr: x}\nboards:\n  - {name: a, local: true}\n", "line 1: defaults: unknown key 'usr' (did you mean 'user'?)"),
+    ("bords: []\n", "unknown key 'bords' (did you mean 'boards'?)"),
+    ("boards:\n  - {name: a, local: true}\n  - {name: a, local: true}\n",
+     "line 3: duplicate board name 'a' (line 2 has it too; each board needs its own name)"),
+    ("boards:\n  - {name: a}\n", "line 2: board 'a' has no host (add `host:` or `local: true`)"),
+    ("boards:\n  - {host: h}\n", "line 2: board #1 has no name (add `name: ...`)"),
+    ("boards:\n  - {name: a, local: true, memory_limit: 2XB}\n", "board 'a': memory_limit 2XB is not a memory size"),
+    ("boards:\n  - {name: a, local: true, memory_limit: 2048}\n",
+     "line 2: board 'a': memory_limit 2048 has no unit (write 2048MiB or 2GiB)"),
+    ("boards: []\n", "line 1: boards is empty"),
+    ("name: x\n", "no boards (list each board under `boards:` as `- name: ...`)"),
+    ("boards: {a: 1}\n", "boards must be a list, got a mapping"),
+    ("boards:\n  - {name: a, local: true}\n  - pi-2\n", "line 3: board #2 must be a mapping of keys, got 'pi-2'"),
+    ("defaults: [x]\nboards:\n  - {name: a, local: true}\n", "defaults must be a mapping of keys, got a list"),
     ("- just a list\n", "expected a mapping"),
-    ("boards:\n  - {name: a, host: h, port: 70000}\n", "port"),
-    ("boards:\n  - {name: 'a b', local: true}\n", "may use only"),
+    ("", "got nothing"),
+    ("boards:\n  - {name: a, host: h, port: 70000}\n", "board 'a': port must be a number from 1 to 65535, got 70000"),
+    ("boards:\n  - {name: a, host: h, port: '22'}\n", "port must be a number from 1 to 65535, got '22'"),
+    ("master: {port: 0}\nboards:\n  - {name: a, local: true}\n", "line 1: master: port must be a number"),
+    ("boards:\n  - {name: a, local: maybe}\n", "board 'a': local must be true or false, got 'maybe'"),
+    ("boards:\n  - {name: a, host: h, kind: pi}\n", "kind must be one of jetson, rpi, x86, auto, got 'pi'"),
+    ("boards:\n  - {name: a, host: [h]}\n", "board 'a': host must be text, got a list"),
+    ("boards:\n  - {name: 'a b', local: true}\n", "name 'a b' may use only letters, digits, '.', '_' and '-'"),
 ])
 def test_bad_inventory(tmp_path, text, needle):
     with pytest.raises(ConfigError) as exc:
         load_inventory(write(tmp_path, text))
-    assert needle in exc.value.one_line()
-    assert "\n" not in exc.value.one_line()
+    message = exc.value.one_line()
+    assert needle in message
+    assert all(line.startswith(f"{tmp_path / 'cluster.yaml'}: line ") for line in message.splitlines())
+    assert not any(word in message for word in JARGON)
+
+
+def test_every_error_of_a_file_at_once_each_on_its_line(tmp_path):
+    path = write(tmp_path, """name: lab
+boards:
+  - name: pi-1
+    host: 10.0.0.1
+    port: 0
+  - name: pi-2
+    hots: 10.0.0.2
+    local: true
+    memory_limit: 2048
+""")
+    with pytest.raises(ConfigError) as exc:
+        load_inventory(path)
+    assert exc.value.one_line().splitlines() == [
+        f"{path}: line 5: board 'pi-1': port must be a number from 1 to 65535, got 0",
+        f"{path}: line 7: board 'pi-2': unknown key 'hots' (did you mean 'host'?)",
+        f"{path}: line 9: board 'pi-2': memory_limit 2048 has no unit (write 2048MiB or 2GiB)",
+    ]
+
+
+def test_local_board_with_a_host_loads_with_a_warning(tmp_path):
+    path = write(tmp_path, "boards:\n  - {name: a, host: h}\n  - name: x\n    local: true\n    host: 10.0.0.3\n")
+    inv = load_inventory(path)
+    assert inv.board("x").local and inv.board("x").host == "127.0.0.1"
+    assert inv.warnings == [f"{path}: line 3: board 'x' is local: its host: is ignored"]
+    assert load_inventory(write(tmp_path, "boards:\n  - {name: a, host: h}\n")).warnings == []
+
+
+def test_a_missing_identity_file_is_only_the_error_of_its_board(tmp_path):
+    """#16: a broken board must not block commands about the others; it fails when contacted."""
+    key = tmp_path / "id"
+    key.write_text("k")
+    path = write(tmp_path, f"boards:\n  - {{name: a, host: h, identity_file: {key}}}\n"
+                           "  - {name: new, host: h2, identity_file: /nonexistent/key}\n")
+    inv = load_inventory(path)
+    assert inv.board("a").check() is inv.board("a") and inv.board("a").error is None
+    with pytest.raises(ConfigError) as exc:
+        inv.board("new").check()
+    assert exc.value.one_line() == (f"{path}: line 3: board 'new': identity file /nonexistent/key does not exist "
+                                    "(fix identity_file or create the key with ssh-keygen)")
+    assert exc.value.exit_code == 2
+
+
+def test_yaml_merge_keys_and_anchors_still_work(tmp_path):
+    inv = load_inventory(write(tmp_path, "boards:\n  - &a {name: a, host: h, user: pi}\n  - {<<: *a, name: b}\n"))
+    assert [(b.name, b.user) for b in inv.boards] == [("a", "pi"), ("b", "pi")]
 
 
 def test_missing_file(tmp_path):

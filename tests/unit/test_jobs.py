@@ -163,3 +163,98 @@ def test_stopped_on_request_refreshes_the_record_state(tmp_path):
     assert not stopped_on_request(tmp_path, rec)
     records.save(tmp_path, JobRecord("j", "c", None, "abc", "127.0.0.1", 29500, [], state="stopping"))
     assert stopped_on_request(tmp_path, rec) and rec.state == "stopping"
+
+
+# -- self-contained records: each board's target, checked against cluster.yaml ---------------------
+def _recorded_job(tmp_path, yaml_text: str):
+    """A saved job of every board in `yaml_text` (written as tmp_path/cluster.yaml), no processes."""
+    from types import SimpleNamespace
+
+    from dsparse_cli.inventory import load_inventory
+    from dsparse_cli.jobs.launch import new_record
+
+    (tmp_path / "cluster.yaml").write_text(yaml_text)
+    inv = load_inventory(tmp_path / "cluster.yaml")
+    plan = SimpleNamespace(devices=[SimpleNamespace(name=b.name, rank=i) for i, b in enumerate(inv.boards)])
+    rec = new_record(inv, plan, "j1", "h")
+    records.save(inv.state_dir, rec)
+    return inv, rec
+
+
+def test_record_keeps_each_boards_target(tmp_path):
+    key = tmp_path / "id_b0"
+    key.write_text("not really a key")
+    inv, rec = _recorded_job(tmp_path, f"boards:\n  - {{name: b0, host: 127.0.0.1, port: 2222, user: u, "
+                                       f"identity_file: {key}, workdir: /w}}\n")
+    assert rec.inventory == str(tmp_path / "cluster.yaml")   # absolute: found from any directory
+    loaded = records.load(inv.state_dir, "j1").boards[0].target
+    assert loaded == inv.board("b0") and loaded.identity_files == [str(key)]
+    doc = json.loads((inv.state_dir / "jobs" / "j1.json").read_text())
+    assert doc["boards"][0]["target"]["port"] == 2222
+    doc["boards"][0]["target"]["from_a_newer_version"] = 1   # keys a Target lacks are left out
+    (inv.state_dir / "jobs" / "j1.json").write_text(json.dumps(doc))
+    assert records.load(inv.state_dir, "j1").boards[0].target == loaded
+
+
+def test_reach_warns_about_changes_and_uses_the_recorded_target(tmp_path, capsys):
+    from dsparse_cli.jobs.reach import job_inventory
+
+    inv, rec = _recorded_job(tmp_path, "boards:\n  - {name: b0, host: 127.0.0.1, port: 2222, workdir: /w}\n"
+                                       "  - {name: b1, local: true, workdir: /l}\n")
+    (tmp_path / "cluster.yaml").write_text("boards:\n  - {name: b0, host: 127.0.0.2, port: 2223, workdir: /w}\n")
+    job_inv = job_inventory(rec, inv.state_dir)
+    assert job_inv.board("b0").host == "127.0.0.1" and job_inv.board("b1").workdir == "/l"
+    err = capsys.readouterr().err
+    assert "board b0 changed in" in err and "host '127.0.0.1' -> '127.0.0.2', port 2222 -> 2223" in err
+    assert "board b1 is no longer in" in err
+
+    (tmp_path / "cluster.yaml").write_text("boards: [\n")   # unreadable: the record is enough
+    assert [b.name for b in job_inventory(rec, inv.state_dir).boards] == ["b0", "b1"]
+    assert "cannot be used" in capsys.readouterr().err
+
+
+
+def test_reach_warns_when_the_jobs_own_board_is_now_broken(tmp_path, capsys):
+    """Needs inventory's per-board errors (`Target.error`): the file still loads, the board carries
+    why it cannot be used, and the job's recorded target is used with a warning."""
+    from dsparse_cli.jobs.reach import job_inventory
+
+    key = tmp_path / "id_b0"
+    key.write_text("not really a key")
+    inv, rec = _recorded_job(tmp_path, f"boards:\n  - {{name: b0, host: 127.0.0.1, identity_file: {key}}}\n")
+    key.unlink()
+    assert job_inventory(rec, inv.state_dir).board("b0").identity_files == [str(key)]
+    assert "board b0 is broken in" in capsys.readouterr().err
+
+def test_a_record_without_targets_falls_back_to_cluster_yaml(tmp_path):
+    """Records written before targets were kept (relative cluster path, no `target`) still load."""
+    from dsparse_cli.jobs.reach import job_inventory
+
+    inv, rec = _recorded_job(tmp_path, "name: old\nboards:\n  - {name: b0, local: true, workdir: /l}\n")
+    doc = json.loads(rec.to_json())
+    doc["inventory"] = "cluster.yaml"
+    for b in doc["boards"]:
+        del b["target"]
+    (inv.state_dir / "jobs" / "j1.json").write_text(json.dumps(doc))
+    old = records.load(inv.state_dir, "j1")
+    assert old.boards[0].target is None
+    assert job_inventory(old, inv.state_dir).board("b0").workdir == "/l"
+    (tmp_path / "cluster.yaml").write_text("boards: [\n")
+    with pytest.raises(ConfigError, match="predates recorded board targets"):
+        job_inventory(old, inv.state_dir)
+
+
+def test_the_index_orders_jobs_by_their_last_attempt(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSPARSE_STATE_HOME", str(tmp_path / "home"))
+    rec = JobRecord("j1", "c", None, "abc", "127.0.0.1", 29500, [])
+    records.save(tmp_path / "s1", rec)
+    records.save(tmp_path / "s2", JobRecord("j2", "c", None, "abc", "127.0.0.1", 29500, []))
+    assert records.indexed()[1].id == "j2"
+    records.save(tmp_path / "s1", rec)            # saved again (stop, status): stays older
+    assert records.indexed()[1].id == "j2"
+    rec.attempts += 1                             # resumed: the newest
+    records.save(tmp_path / "s1", rec)
+    state_dir, latest = records.indexed()
+    assert latest.id == "j1" and state_dir == (tmp_path / "s1").resolve()
+    assert records.indexed("nope") is None
+    assert set(json.loads((tmp_path / "home" / "jobs.json").read_text())["jobs"]) == {"j1", "j2"}
