@@ -41,6 +41,7 @@ UNREACHABLE_S = 8.0    # silent this long: the board is lost (a dead link is nam
 LOG_TAIL = 12
 EXIT_WAIT_S = 20.0   # after every board reported finished: how long torchrun may take to exit
 SETTLE_S = 5.0       # a failed board's torchrun gets this long to exit and log why, before we stop it
+PEER_WAIT_S = 3.0    # only peer errors seen: how long to wait for the board that caused them
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Follower:
         self.offsets = {r.name: 0 for r in rec.boards}
         self.partial = {r.name: "" for r in rec.boards}
         self.last_contact = {r.name: time.monotonic() for r in rec.boards}
+        self.peer_errors_since: float | None = None   # when only peer errors were first seen
         self.tail = {r.name: deque(maxlen=LOG_TAIL) for r in rec.boards}
         self.alive = {r.name: True for r in rec.boards}  # any of the board's processes, last poll
         self.budgets = {d["name"]: d.get("budget_bytes") for d in plan["devices"]}
@@ -104,16 +106,22 @@ class Follower:
 
     def failure(self, rows: list[dict]) -> dict | None:
         """The board to blame, if any: one whose own error is not about a vanished peer, else a
-        board that stopped answering, else the first with a peer error."""
+        board that stopped answering, else (after PEER_WAIT_S) the first with a peer error."""
         bad = [r for r in rows if r["state"] in (BoardStatus.FAILED, BoardStatus.STALE)]
         root = [r for r in bad if not _PEER_ERROR.search(r["error"] or "")]
         silent = [r for r in rows if r["state"] == BoardStatus.UNREACHABLE]
         lost = [r for r in silent if time.monotonic() - self.last_contact[r["name"]] >= UNREACHABLE_S]
         if root or lost:
             return (root or lost)[0]
-        if bad:   # only peer errors: a board that stopped answering is the lost peer
-            return (silent or bad)[0]
-        return None
+        if bad and silent:   # only peer errors: a board that stopped answering is the lost peer
+            return silent[0]
+        if not bad:
+            self.peer_errors_since = None
+            return None
+        # Every board answers and the only errors are about a lost peer: the board that caused them
+        # (a killed worker) may show it only on the next poll, so give it PEER_WAIT_S to.
+        self.peer_errors_since = self.peer_errors_since or time.monotonic()
+        return bad[0] if time.monotonic() - self.peer_errors_since >= PEER_WAIT_S else None
 
     def run(self) -> Outcome:
         try:

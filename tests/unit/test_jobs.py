@@ -116,7 +116,7 @@ def _row(name, state, error=None):
 
 
 def test_blame_prefers_a_root_cause_over_peer_errors_and_the_silent_board_over_its_peers():
-    from dsparse_cli.jobs.follow import UNREACHABLE_S
+    from dsparse_cli.jobs.follow import PEER_WAIT_S, UNREACHABLE_S
 
     f = _follower(["b0", "b1", "b2"])
     peer = "DistBackendError: Timed out waiting 30000ms for send operation to complete"
@@ -133,8 +133,15 @@ def test_blame_prefers_a_root_cause_over_peer_errors_and_the_silent_board_over_i
     # A board with an error of its own beats everything else.
     rows = [_row("b0", "failed", peer), _row("b1", "unreachable", "t"), _row("b2", "failed", "CUDA out of memory")]
     assert f.failure(rows)["name"] == "b2"
-    # Only peer errors, every board answering: the first of them.
-    assert f.failure([_row("b0", "running"), _row("b1", "failed", peer), _row("b2", "failed", peer)])["name"] == "b1"
+    # Only peer errors, every board answering: the cause may show on the next poll (a killed worker
+    # is seen dead a poll after its peers fail on it)...
+    only_peers = [_row("b0", "running"), _row("b1", "failed", peer), _row("b2", "failed", peer)]
+    assert f.failure(only_peers) is None
+    assert f.failure([_row("b0", "failed", "worker process died without reporting"), *only_peers[1:]])["name"] == "b0"
+    # ...and when it does not within PEER_WAIT_S, the first of them is named.
+    assert f.failure(only_peers) is None
+    f.peer_errors_since -= PEER_WAIT_S
+    assert f.failure(only_peers)["name"] == "b1"
 
 
 def test_board_table_follower_budgets_and_status_title():
