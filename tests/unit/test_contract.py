@@ -63,7 +63,6 @@ def test_job_record_moves_only_along_written_transitions():
     with pytest.raises(ContractError, match="JobState cannot go from failed to running"):
         rec.advance("running")
     assert JobRecord.from_dict(json.loads(rec.to_json())).state is JobState.FAILED
-    assert all(isinstance(k, JobState) for k in JOB_TRANSITIONS)
     assert set(JOB_TRANSITIONS) == set(JobState)
 
 
