@@ -252,9 +252,11 @@ COMPRESSOR_OPTIONS = {
     "topk": {"density": 0.01, "warmup_steps": 20},
     "pbgc": {"key_fraction": 0.001, "entropy_bins": 32, "warmup_steps": 20},
 }
-DATASETS = ("digits", "cifar10", "synthetic")
+DATASETS = ("digits", "cifar10", "synthetic", "imagefolder")
 OPTIMIZERS = ("sgd", "sgd-momentum", "adam")
-MODELS = ("mobilenet_v2", "mobilenet_v3_small", "resnet18", "shufflenet_v2_x0_5", "tiny_cnn")  # runtime/models.py
+# The models with a hand-made unit split (runtime/models.py); any torchvision classification model
+# and a user's own model file work too (`dsparse models` lists them).
+MODELS = ("mobilenet_v2", "mobilenet_v3_small", "resnet18", "shufflenet_v2_x0_5", "tiny_cnn")
 BACKENDS = ("gloo", "nccl")
 LR_SCHEDULES = ("cosine", "step", "constant")
 
@@ -286,6 +288,9 @@ class JobSpec:
     stop_grace_s: float = 8.0           # keep below the launcher's SIGKILL grace
     master_lost_s: float = 30.0         # a worker whose master is silent this long ends itself
     synthetic_samples: int | None = None
+    weights: str | None = None          # a torchvision weights name (DEFAULT, IMAGENET1K_V1...) or a file
+    val_fraction: float = 0.2           # imagefolder without train/ and val/: the share held out
+    skip_bad_images: bool = False       # imagefolder: skip (and count) images that do not decode
     # Set by the launcher per board and attempt.
     id: str = "job"
     workdir: str | None = None

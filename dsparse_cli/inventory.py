@@ -48,6 +48,7 @@ class Target:
     kind: str
     known_hosts: str | None = None
     error: str | None = None    # why this board cannot be used as written; raised by check()
+    data_dir: str | None = None  # where this board keeps its dataset files (`dsparse data push`)
 
     def check(self) -> Target:
         """This target, or the ConfigError its cluster.yaml entry holds for whoever contacts it."""
@@ -199,7 +200,8 @@ def _board_name(value) -> str:
     return value
 
 
-_REACH = {"user": _text, "port": _port, "identity_file": _text, "python": _text, "workdir": _text}
+_REACH = {"user": _text, "port": _port, "identity_file": _text, "python": _text, "workdir": _text,
+          "data_dir": _text}
 _KEYS = {  # section -> key -> rule (a rule returns the value to use, or raises ValueError saying why not)
     "cluster": {"name": _text, "defaults": _as_is, "master": _as_is, "boards": _as_is},
     "defaults": {**_REACH, "known_hosts": _text},
@@ -297,7 +299,7 @@ def _resolve(b: dict, line: int, d: dict, lookup, path: Path) -> Target:
     if b.get("local"):  # runs here: this interpreter, a workdir next to the inventory
         workdir = Path(b["workdir"]).expanduser() if "workdir" in b else path.resolve().parent / ".dsparse" / "boards" / name
         return Target(name, "127.0.0.1", 22, None, [], None, b.get("python") or sys.executable, str(workdir),
-                      True, limit, iface, kind)
+                      True, limit, iface, kind, data_dir=b.get("data_dir") or d.get("data_dir"))
     ssh = lookup(b["host"])
     identity = b.get("identity_file") or (ssh.get("identityfile") or [None])[0] or d.get("identity_file")
     identity = str(_relative_to(path, identity)) if identity else None
@@ -309,7 +311,8 @@ def _resolve(b: dict, line: int, d: dict, lookup, path: Path) -> Target:
     return Target(name, ssh.get("hostname", b["host"]), b.get("port") or int(ssh.get("port", 0)) or d.get("port") or 22,
                   b.get("user") or ssh.get("user") or d.get("user"), [identity] if identity else [],
                   ssh.get("proxycommand"), b.get("python") or d.get("python") or DEFAULT_PYTHON,
-                  b.get("workdir") or d.get("workdir") or DEFAULT_WORKDIR, False, limit, iface, kind, known_hosts, error)
+                  b.get("workdir") or d.get("workdir") or DEFAULT_WORKDIR, False, limit, iface, kind, known_hosts, error,
+                  b.get("data_dir") or d.get("data_dir"))
 
 
 def _relative_to(inventory: Path, value: str) -> Path:
