@@ -38,3 +38,25 @@ def wait_for(predicate, limit: float, step: float = 0.3):
             return value
         time.sleep(step)
     return predicate()
+
+
+def make_digits_imagefolder(root: Path | str, classes=range(10), per_class: int | None = None,
+                            split: bool = False, size: int = 16) -> Path:
+    """An ImageFolder tree of scikit-learn's digits as `size`×`size` grey PNGs: `root/<digit>/...`,
+    or with `split` `root/train/<digit>/...` and `root/val/<digit>/...` (every fifth image, from the first, to val).
+    `per_class` images of each class (all of them by default). Returns `root`."""
+    from PIL import Image
+
+    from dsparse_cli.runtime.data import digits_path, read_digits
+
+    root = Path(root)
+    x8, y = read_digits(digits_path(None))
+    for c in classes:
+        images = x8[y == c][:per_class]
+        for i, img in enumerate(images):
+            part = ("val" if i % 5 == 0 else "train") if split else ""
+            folder = root / part / str(c)
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = (img * (255.0 / 16.0)).round().byte().numpy()
+            Image.fromarray(pixels, mode="L").resize((size, size), Image.NEAREST).save(folder / f"{c}_{i:04d}.png")
+    return root

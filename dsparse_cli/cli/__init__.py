@@ -20,7 +20,7 @@ def main() -> None:
     from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
     from typer.main import get_command
 
-    from dsparse_cli.cli import plan, probe, status, train  # noqa: F401  (commands register themselves)
+    from dsparse_cli.cli import data, export, models, plan, probe, status, train  # noqa: F401  (they register themselves)
     from dsparse_cli.cli.app import app, options
 
     try:  # not standalone: click's errors come here, and typer.Exit's code is returned

@@ -19,8 +19,16 @@ SPEC, TOPK, PBGC = JobSpec(), COMPRESSOR_OPTIONS["topk"], COMPRESSOR_OPTIONS["pb
 @app.command()
 def train(
     ctx: typer.Context,
-    dataset: str = typer.Option(SPEC.dataset, help="digits (bundled, no network), cifar10, or synthetic."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Dataset folder (cifar10)."),
+    dataset: str = typer.Option(SPEC.dataset, help="digits (bundled, no network), cifar10, synthetic, or "
+                                "imagefolder (your images: DIR/<class>/... or DIR/train|val/<class>/...)."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Dataset folder (cifar10, imagefolder)."),
+    val_fraction: float = typer.Option(SPEC.val_fraction, "--val-fraction", min=0.0, max=0.9, metavar="<fraction>",
+                                       help="imagefolder without train/ and val/: share held out for accuracy."),
+    skip_bad_images: bool = typer.Option(SPEC.skip_bad_images, "--skip-bad-images",
+                                         help="imagefolder: skip (and count) images that do not decode."),
+    weights: Optional[str] = typer.Option(None, "--weights", metavar="<file|name>",
+                                          help="Start from these weights: a file (state_dict, checkpoint or a job's "
+                                          "model.pt) or a torchvision weights name (DEFAULT, IMAGENET1K_V1...)."),
     download: bool = typer.Option(False, "--download", help="Download cifar10 into --data-dir if missing."),
     epochs: int = typer.Option(SPEC.epochs, min=1, metavar="<int>", help="Epochs to train."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, metavar="<int>",
@@ -65,6 +73,7 @@ def train(
     plan = _current_plan(inv, quiet=json_out)
     opts = JobSpec(
         dataset=dataset, data_dir=data_dir, download=download, epochs=epochs, max_steps=max_steps,
+        val_fraction=val_fraction, skip_bad_images=skip_bad_images, weights=weights,
         batch_size=batch_size or plan["batch_size"], lr=lr, optimizer=optimizer or plan["optimizer"],
         seed=seed, sync_every=sync_every or plan.get("sync_every", 1),
         compression=_compression_spec(compression, density, key_fraction, entropy_bins, warmup_steps),
@@ -122,7 +131,7 @@ def _follow(inv: Inventory, rec, plan: dict, transports, json_out: bool) -> int:
     from rich.markup import escape
 
     from dsparse_cli import render
-    from dsparse_cli.console import err_console, error, show, warning
+    from dsparse_cli.console import err_console, error, info, show, warning
     from dsparse_cli.jobs import records
     from dsparse_cli.jobs.follow import Follower
     from dsparse_cli.jobs.status import stopped_on_request
@@ -159,12 +168,29 @@ def _follow(inv: Inventory, rec, plan: dict, transports, json_out: bool) -> int:
         stop_job(inv, rec, transports=transports, state=JobState.FINISHED)
     rec.advance(JobState.FINISHED)
     rec.summary = _summary_doc(rec, plan, outcome.rows)
+    rec.summary["model"] = _fetch_model(inv, rec, transports)
     records.save(inv.state_dir, rec)
     if json_out:
         print_json(rec.summary)
     else:
         show(render.train_summary(rec.summary))
+        if rec.summary["model"]:
+            info(f"trained model: {rec.summary['model']} (deploy it with `dsparse export {rec.id}`)")
     return EXIT_OK
+
+
+def _fetch_model(inv: Inventory, rec, transports) -> str | None:
+    """The trained model copied here; a failed copy is a warning (`dsparse export` retries it)."""
+    from dsparse_cli.console import warning
+    from dsparse_cli.errors import DsparseError
+    from dsparse_cli.jobs.model_back import fetch_model
+
+    try:
+        return str(fetch_model(inv, rec, transports))
+    except (DsparseError, OSError) as exc:
+        warning(f"could not copy the trained model from board {rec.boards[0].name}: {exc}; "
+                "`dsparse export` tries again")
+        return None
 
 
 # What the summary repeats from the plan next to each board's measurements.

@@ -19,7 +19,7 @@ import dsparse_cli
 from dsparse_cli.contract import DATASETS, JobSpec, JobState, Plan, plan_hash
 from dsparse_cli.errors import EXIT_BOARD_FAILED, ConfigError, JobError
 from dsparse_cli.inventory import Inventory, Target
-from dsparse_cli.jobs import records
+from dsparse_cli.jobs import records, workload
 from dsparse_cli.jobs.records import BoardRun, JobRecord
 from dsparse_cli.remote import connect, fan_out
 from dsparse_cli.remote.base import Transport
@@ -135,7 +135,7 @@ def digits_file() -> Path:
 def runtime_files() -> list[tuple[Path, str]]:
     """(local file, path relative to the shipped package root) for the runtime package."""
     root = _package_root()
-    files = [root / "dsparse_cli" / "__init__.py", root / "dsparse_cli" / "contract.py"]
+    files = [root / "dsparse_cli" / f for f in ("__init__.py", "contract.py", "modelspec.py")]
     files += sorted((root / "dsparse_cli" / "runtime").rglob("*.py"))
     return [(f, str(f.relative_to(root))) for f in files]
 
@@ -232,15 +232,17 @@ def absolute_workdir(workdir: str, home: str) -> str:
 
 
 def _stage_board(transport: Transport, target: Target, run: BoardRun, plan: dict, job: dict,
-                 staging: Path) -> str:
-    """Write plan.json and job.json into the board's run dir; ship the runtime to SSH boards.
-    Returns the PYTHONPATH the worker needs on that board."""
+                 staging: Path, files: list[tuple[Path, str]]) -> str:
+    """Write plan.json and job.json, and the job's own files (model file, weights), into the
+    board's run dir; ship the runtime to SSH boards. Returns the PYTHONPATH the worker needs there."""
     local_dir = staging / run.name
     local_dir.mkdir(parents=True, exist_ok=True)
     (local_dir / "plan.json").write_text(json.dumps(plan, indent=1, sort_keys=True))
     (local_dir / "job.json").write_text(json.dumps(job, indent=1, sort_keys=True))
     transport.put(str(local_dir / "plan.json"), f"{run.run_dir}/plan.json")
     transport.put(str(local_dir / "job.json"), f"{run.run_dir}/job.json")
+    for local_file, name in files:
+        transport.put(str(local_file), f"{run.run_dir}/{name}")
     if target.local:
         return str(_package_root())
     workdir = run.workdir
@@ -279,6 +281,7 @@ def start_job(inv: Inventory, doc: dict, opts: JobSpec, *, connect_timeout: floa
     cannot be staged; stops what it started when a later start fails."""
     plan = Plan.from_dict(doc)
     check_options(opts, plan)
+    work = workload.prepare(inv, plan, opts)
     check_probe_facts(inv, plan)
     settle_master(inv, plan)
     check_port_free(inv)
@@ -300,11 +303,13 @@ def start_job(inv: Inventory, doc: dict, opts: JobSpec, *, connect_timeout: floa
                 found = preflight(transport, target, inv.master_port if run.rank == 0 else None)
                 warn_torch_changed(run.name, found, plan)
                 run.run_dir = absolute_workdir(run.run_dir, found["home"])
-            job = job_doc(opts, rec.id, run.run_dir, resume=resume_of is not None)
+            job = job_doc(work.spec, rec.id, run.run_dir, resume=resume_of is not None)
+            data_dir = workload.board_data_dir(target, work.spec)
+            job["data_dir"] = absolute_workdir(data_dir, found["home"]) if data_dir and not target.local else data_dir
             if not target.local and opts.dataset == "digits" and not opts.data_dir:
                 # shipped with the runtime, so boards need no scikit-learn
                 job["data_dir"] = run.workdir + "/data"
-            pkg = _stage_board(transport, target, run, doc, job, staging)
+            pkg = _stage_board(transport, target, run, doc, job, staging, work.files)
         except BaseException:
             transport.close()
             raise

@@ -310,11 +310,16 @@ def _main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
         print("warning: started without profile.MALLOC_ENV: RSS will not follow live tensors", file=sys.stderr)
+    from dsparse_cli.runtime.models import ModelError
+
     try:
         prof = measure_profile(a.model, num_classes=a.num_classes, image_size=a.image_size,
                                batch_size=a.batch_size, dtype=a.dtype, optimizer=a.optimizer)
     except DsparseError as exc:
         print(exc.one_line(), file=sys.stderr)
+        return 2
+    except ModelError as exc:   # a model that cannot be built or split: its one line, no traceback
+        print(str(exc), file=sys.stderr)
         return 2
     save_profile(prof, a.out)
     return 0

@@ -245,9 +245,14 @@ def torch_version() -> str:
 
 def profile_key(model: str, num_classes: int, image_size: int, batch_size: int, dtype: str,
                 optimizer: str, torch: str | None = None) -> str:
+    from dsparse_cli.modelspec import file_digest
+
     inputs = {"model": model, "num_classes": num_classes, "image_size": image_size, "batch_size": batch_size,
               "dtype": dtype, "optimizer": optimizer, "torch": torch or torch_version(),
               "format": PROFILE_FORMAT, "malloc": MALLOC_ENV}
+    digest = file_digest(model)
+    if digest:   # a user's model file: an edit is a new model (named specs keep their keys)
+        inputs["model_file_sha256"] = digest
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
@@ -269,10 +274,9 @@ def save_profile(profile: Profile, path: str | Path) -> None:
 
 def check_args(model: str, batch_size: int, image_size: int, dtype: str, optimizer: str) -> None:
     """The measuring options, checked without importing torch."""
-    from dsparse_cli.contract import MODELS, OPTIMIZERS
+    from dsparse_cli.contract import OPTIMIZERS
 
-    if model not in MODELS:
-        raise ConfigError(f"unknown model {model!r}", f"choose one of {', '.join(MODELS)}")
+    check_model(model)
     if optimizer not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {optimizer!r}", f"choose one of {', '.join(OPTIMIZERS)}")
     if dtype not in DTYPES:
@@ -280,6 +284,28 @@ def check_args(model: str, batch_size: int, image_size: int, dtype: str, optimiz
     if batch_size < 1 or image_size < 8:
         raise ConfigError(f"batch size {batch_size} / image size {image_size} is too small",
                           "use --batch-size >= 1 and --image-size >= 8")
+
+
+def check_model(model: str) -> None:
+    """A hand-split or torchvision name, or a model file/module that can be found; no torch import."""
+    from dsparse_cli import modelspec
+    from dsparse_cli.contract import MODELS
+
+    if model in MODELS:
+        return
+    try:
+        kind = modelspec.parse(model)[0]
+        modelspec.check(model)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if kind == modelspec.NAME:
+        names = modelspec.torchvision_names()
+        if names is None:   # torchvision's source not readable as expected: ask it
+            import torchvision
+
+            names = set(torchvision.models.list_models(module=torchvision.models))
+        if model not in names:
+            raise ConfigError(f"unknown model {model!r}", "`dsparse models` lists the names; or pass FILE.py:factory")
 
 
 def get_profile(state_dir: str | Path, model: str, *, num_classes: int = 10, image_size: int = 32,

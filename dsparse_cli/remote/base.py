@@ -15,6 +15,7 @@ Conventions shared by both implementations:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from shlex import quote as shlex_quote
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
@@ -86,6 +87,25 @@ class Transport(ABC):
     @abstractmethod
     def put(self, local_path: str, remote_path: str) -> None:
         """Copy a local file to the board, creating parent directories."""
+
+    def get(self, remote_path: str, local_path: str, *, timeout: float = 300) -> None:
+        """Copy a file from the board (what SSH does when it has no SFTP): the board's python
+        prints it base64-encoded; written beside `local_path`, then renamed."""
+        import base64
+        import os
+
+        from dsparse_cli.remote.shell import sh_path
+
+        script = "import base64,sys; sys.stdout.write(base64.b64encode(open(sys.argv[1], 'rb').read()).decode())"
+        r = self.run(f"{sh_path(self.target.python)} -c {shlex_quote(script)} {sh_path(remote_path)}",
+                     timeout=timeout)
+        if r.rc != 0:
+            detail = (r.stderr.strip().splitlines() or [f"exit status {r.rc}"])[-1]
+            raise RemoteError(f"cannot read {remote_path} on {self.target.name}: {detail}")
+        tmp = f"{local_path}.part"
+        with open(tmp, "wb") as fh:
+            fh.write(base64.b64decode(r.stdout))
+        os.replace(tmp, local_path)
 
     @abstractmethod
     def start_detached(self, cmd: str, *, log_path: str, env: dict[str, str] | None = None,

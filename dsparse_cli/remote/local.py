@@ -113,6 +113,9 @@ class LocalTransport(Transport):
         except OSError as e:
             raise RemoteError(f"cannot copy {src} to {dst}: {e.strerror or e}") from e
 
+    def get(self, remote_path: str, local_path: str, *, timeout: float = 300) -> None:
+        self.put(remote_path, local_path)   # both ends are this machine
+
     # -- detached processes ---------------------------------------------------------------
     def start_detached(self, cmd: str, *, log_path: str, env: dict[str, str] | None = None,
                        cwd: str | None = None) -> Detached:

@@ -151,6 +151,16 @@ class SSHTransport(Transport):
             except FileNotFoundError:
                 sftp.mkdir(current)
 
+    def _has_sftp(self) -> bool:
+        """Whether the board's sshd serves SFTP; asked once per connection."""
+        if self._sftp_missing is None:
+            try:
+                self._sftp_client()
+                self._sftp_missing = False
+            except paramiko.SSHException as e:   # the server refused the subsystem
+                self._sftp_missing = str(e) or type(e).__name__
+        return not self._sftp_missing
+
     @_lost
     def put(self, local_path: str, remote_path: str) -> None:
         """Over SFTP; over the exec channel where the board's sshd has no SFTP subsystem
@@ -158,13 +168,7 @@ class SSHTransport(Transport):
         src = os.path.expanduser(local_path)
         if not os.path.isfile(src):
             raise RemoteError(f"cannot copy {local_path} to {self.target.name}: no such local file")
-        if self._sftp_missing is None:
-            try:
-                self._sftp_client()
-                self._sftp_missing = False
-            except paramiko.SSHException as e:   # the server refused the subsystem
-                self._sftp_missing = str(e) or type(e).__name__
-        if self._sftp_missing:
+        if not self._has_sftp():
             return self._put_over_exec(src, remote_path)
         dst = self._rpath(remote_path)
         try:
@@ -175,6 +179,18 @@ class SSHTransport(Transport):
         except OSError as e:
             raise RemoteError(f"cannot write {remote_path} on {self.target.name}: "
                               f"{e.strerror or e}") from e
+
+    @_lost
+    def get(self, remote_path: str, local_path: str, *, timeout: float = 300) -> None:
+        """Over SFTP (to a temporary name, then renamed); over the exec channel without it."""
+        if not self._has_sftp():
+            return super().get(remote_path, local_path, timeout=timeout)
+        tmp = f"{local_path}.part"
+        try:
+            self._sftp_client().get(self._rpath(remote_path), tmp)
+        except OSError as e:
+            raise RemoteError(f"cannot read {remote_path} on {self.target.name}: {e.strerror or e}") from e
+        os.replace(tmp, local_path)
 
     def _put_over_exec(self, src: str, remote_path: str) -> None:
         """`cat` into a temporary name beside the destination, then rename: a reader never sees

@@ -4,11 +4,15 @@
   imported: boards do not have it), upscaled to `image_size` and given 3 channels.
 * `cifar10`: torchvision's CIFAR-10 (`data_dir`, downloaded only when asked).
 * `synthetic`: seeded random images with a class-dependent pattern (learnable, for speed tests).
+* `imagefolder`: the user's own images (`runtime/imagefolder.py`), each rank holding only its shard.
 
 Sharding follows `DistributedSampler(shuffle=True, drop_last=True)`: one permutation per epoch
 (seeded by seed + epoch, the same on every rank), cut to a multiple of the world size, rank r
 takes positions r, r+world, ...; then each rank's shard is cut into full batches only, so every
-rank runs the same number of steps per epoch.
+rank runs the same number of steps per epoch. An image folder is sharded once, statically (a
+board holds only its own files): each rank shuffles its shard per epoch (seed + epoch) and runs
+`(n_train // world) // batch_size` steps. `dataset_steps_per_epoch`, `batches_for` and
+`eval_slice` take a loaded dataset and handle both kinds.
 """
 
 from __future__ import annotations
@@ -17,39 +21,22 @@ import csv
 import gzip
 import importlib.util
 import os
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DATASETS = ("digits", "cifar10", "synthetic")
+# The records live in imagefolder.py (torch-free, so the CLI can raise and catch DataError
+# without torch); this module is where everyone imports them from.
+from dsparse_cli.runtime.imagefolder import DataError, Dataset, Split, load_imagefolder  # noqa: F401
+
+DATASETS = ("digits", "cifar10", "synthetic", "imagefolder")
 SPLIT_SEED = 1234          # the digits/synthetic train/test split never depends on the job seed
 DIGITS_TEST_FRACTION = 0.2
 SYNTHETIC_SAMPLES = 1280   # train + test, when the job does not say
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
-
-
-class DataError(Exception):
-    """A dataset cannot be loaded; the message says what is missing and how to fix it."""
-
-
-@dataclass
-class Split:
-    """One split: `fetch(indices) -> (images float32 N×3×S×S, labels int64)`."""
-
-    size: int
-    fetch: Callable[[Tensor], tuple[Tensor, Tensor]]
-
-
-@dataclass
-class Dataset:
-    name: str
-    train: Split
-    test: Split
-    num_classes: int = 10
 
 
 def _tensor_split(x: Tensor, y: Tensor) -> Split:
@@ -153,17 +140,23 @@ def load_cifar10(data_dir: str | None, download: bool, image_size: int = 32) -> 
     except (RuntimeError, OSError) as exc:  # not found / corrupted / download failed
         hint = "check the network" if download else "point --data-dir at it or add --download"
         raise DataError(f"dataset cifar10 not usable in {root}: {exc} ({hint})") from None
-    return Dataset("cifar10", _cifar_split(train, image_size), _cifar_split(test, image_size))
+    return Dataset("cifar10", _cifar_split(train, image_size), _cifar_split(test, image_size),
+                   mean=CIFAR_MEAN, std=CIFAR_STD)
 
 
 def load_dataset(name: str, *, data_dir: str | None = None, download: bool = False, image_size: int = 32,
-                 seed: int = 0, synthetic_samples: int | None = None, workdir: str | None = None) -> Dataset:
+                 seed: int = 0, synthetic_samples: int | None = None, workdir: str | None = None,
+                 rank: int = 0, world: int = 1, val_fraction: float = 0.2, skip_bad_images: bool = False) -> Dataset:
+    """The dataset `name`; `rank`/`world` matter only to an image folder (it loads its shard)."""
     if name == "digits":
         return load_digits(data_dir, image_size, workdir)
     if name == "cifar10":
         return load_cifar10(data_dir, download, image_size)
     if name == "synthetic":
         return load_synthetic(synthetic_samples or SYNTHETIC_SAMPLES, image_size, seed)
+    if name == "imagefolder":
+        return load_imagefolder(data_dir, rank=rank, world=world, image_size=image_size, val_fraction=val_fraction,
+                                skip_bad_images=skip_bad_images, seed=seed)
     raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
@@ -186,13 +179,47 @@ def batch_indices(n_train: int, rank: int, world: int, epoch: int, seed: int, ba
     return [idx[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
 
 
+def dataset_steps_per_epoch(ds: Dataset, world: int, batch_size: int) -> int:
+    """`steps_per_epoch` of a loaded dataset: for a sharded one from the whole folder's count."""
+    if ds.sharded:
+        return ds.shard_size // batch_size
+    return steps_per_epoch(ds.train.size, world, batch_size)
+
+
+def local_batch_indices(ds: Dataset, world: int, epoch: int, seed: int, batch_size: int) -> list[Tensor]:
+    """A sharded dataset's batches for `epoch`: its own shard shuffled (seed + epoch), cut into
+    the steps every rank runs. A shard short of images (bad ones skipped) is shuffled again to
+    fill them, so no rank runs fewer steps than the others."""
+    steps = dataset_steps_per_epoch(ds, world, batch_size)
+    if steps and not ds.train.size:
+        raise DataError("this board's shard has no training images")
+    g = torch.Generator().manual_seed(seed + epoch)
+    perms = [torch.randperm(ds.train.size, generator=g)]
+    while sum(len(p) for p in perms) < steps * batch_size:
+        perms.append(torch.randperm(ds.train.size, generator=g))
+    idx = torch.cat(perms)
+    return [idx[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
+
+
 def batches_for(ds: Dataset, rank: int, world: int, epoch: int, seed: int, batch_size: int,
                 start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
     """This rank's batches for `epoch`, from batch `start` on (resume skips what was done)."""
-    for idx in batch_indices(ds.train.size, rank, world, epoch, seed, batch_size)[start:]:
+    if ds.sharded:
+        batches = local_batch_indices(ds, world, epoch, seed, batch_size)
+    else:
+        batches = batch_indices(ds.train.size, rank, world, epoch, seed, batch_size)
+    for idx in batches[start:]:
         yield ds.train.fetch(idx)
 
 
 def eval_indices(n_test: int, rank: int, world: int) -> Tensor:
     """Every test sample exactly once across ranks (no drop): rank r takes r, r+world, ..."""
     return torch.arange(rank, n_test, world)
+
+
+def eval_slice(ds: Dataset, rank: int, world: int) -> Tensor:
+    """This rank's test samples: all of a sharded dataset's (its shard is its slice), else
+    `eval_indices`."""
+    if ds.sharded:
+        return torch.arange(ds.test.size)
+    return eval_indices(ds.test.size, rank, world)

@@ -1,15 +1,14 @@
-"""The training worker: one per board, started by torchrun.
+"""The training worker: one per board, started by torchrun (or anything that sets RANK /
+WORLD_SIZE / MASTER_ADDR / MASTER_PORT for the env:// rendezvous), as
 
-    python -m torch.distributed.run --nnodes N --node-rank R --nproc-per-node 1 \\
-        --master-addr A --master-port P -m dsparse_cli.runtime.worker --plan PLAN --job JOB
+    python -m dsparse_cli.runtime.worker --plan PLAN --job JOB
 
-(or directly with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT in the environment). The rank is
-the board's index in the plan's `devices`. The worker applies the plan for its rank, trains its
-shard with grouped aggregation, evaluates at each epoch end (every rank evaluates a slice of the
-test set on the synchronised model; the accuracy is the all-reduced total, so every board reports
-the same number), checkpoints, heartbeats to `status.json` and writes `summary.json` at the end.
-The job file's `resume` key makes it continue from its checkpoints. The plan checks and the
-learning-rate schedule are in job_setup.py, SIGTERM/SIGINT handling in stopping.py.
+The rank is the board's index in the plan's `devices`. The worker applies the plan for its rank,
+trains its shard with grouped aggregation, evaluates at each epoch end (the all-reduced accuracy
+of the synchronised model, the same on every board), checkpoints, heartbeats to `status.json`,
+and at the end writes `summary.json` and, on rank 0, the trained model (model_out.py). The job
+file's `resume` key continues from its checkpoints. Plan checks and the learning-rate schedule
+are in job_setup.py, SIGTERM/SIGINT handling in stopping.py.
 """
 
 from __future__ import annotations
@@ -33,10 +32,12 @@ from dsparse_cli.runtime.heartbeat import Heartbeat, write_json_atomic
 from dsparse_cli.runtime.job_setup import (WorkerError, check_plan, check_units, compressor_for_job,
                                            init_distributed, lr_at, read_job)
 from dsparse_cli.runtime.memory import MemoryMeter
-from dsparse_cli.runtime.models import build_model, units_from_plan
+from dsparse_cli.runtime.model_out import model_meta, save_model
+from dsparse_cli.runtime.models import ModelError, build_model, units_from_plan
 from dsparse_cli.runtime.sparse import apply_plan, make_optimizer, set_train_mode
 from dsparse_cli.runtime.stopping import (EXIT_STOPPED, MasterWatch, SignalWatch, StopControl, Stopped,
                                           agree_stop)
+from dsparse_cli.runtime.weights import WeightsError, load_weights
 
 # --- the trainer -------------------------------------------------------------------------
 class Trainer:
@@ -53,8 +54,7 @@ class Trainer:
                                          self.job.heartbeat_s)
         self.stop = stop or StopControl()
         self.on_step = None  # tests: called as on_step(trainer) after every step
-        self.plan_hash = ckpt.plan_hash(plan)
-        self.epoch = self.step_in_epoch = self.global_step = 0
+        self.plan_hash, self.epoch, self.step_in_epoch, self.global_step = ckpt.plan_hash(plan), 0, 0, 0
         self.history: list[dict] = []
         self.accuracy = None
         self.resumed_from = None
@@ -69,21 +69,28 @@ class Trainer:
         job, plan = self.job, self.plan
         seed = job.seed
         torch.manual_seed(seed)  # the same initial model on every rank
-        self.model = build_model(plan["model"], int(plan.get("num_classes", 10))).to(self.device)
+        self.model = build_model(plan["model"], int(plan.get("num_classes", 10)), search_dirs=[self.workdir])
         self.units = units_from_plan(plan)
         check_units(self.model, self.units)
+        if job.weights and not job.resume:   # a resume continues from its checkpoint instead
+            self.log(load_weights(self.model, self.units, job.weights, spec=plan["model"], search_dirs=[self.workdir]))
+        self.model.to(self.device)
         torch.manual_seed(seed + 1 + self.rank)  # per-rank stream (dropout), after the shared init
         params = apply_plan(self.model, self.units, self.updated)
         self.compressor = compressor_for_job(job)
         self.optimizer = self._optimizer(params)
         self.data = datamod.load_dataset(job.dataset, data_dir=job.data_dir, download=job.download,
                                          image_size=int(plan.get("image_size", 32)), seed=seed,
-                                         synthetic_samples=job.synthetic_samples, workdir=self.workdir)
+                                         synthetic_samples=job.synthetic_samples, workdir=self.workdir,
+                                         rank=self.rank, world=self.world, val_fraction=job.val_fraction,
+                                         skip_bad_images=job.skip_bad_images)
+        if getattr(self.data, "skipped", 0):
+            self.log(f"skipped {self.data.skipped} image(s) that do not decode (--skip-bad-images)")
         if self.data.num_classes > int(plan.get("num_classes", 10)):
             raise WorkerError(f"dataset {job.dataset} has {self.data.num_classes} classes but the plan's model "
                               f"has {plan.get('num_classes')} outputs; re-plan with --num-classes")
         self.batch_size = job.batch_size
-        self.spe = datamod.steps_per_epoch(self.data.train.size, self.world, self.batch_size)
+        self.spe = datamod.dataset_steps_per_epoch(self.data, self.world, self.batch_size)
         if self.spe < 1:
             raise WorkerError(f"dataset {job.dataset} has {self.data.train.size} training samples: too few for "
                               f"{self.world} boards at batch size {self.batch_size}; lower --batch-size")
@@ -166,6 +173,7 @@ class Trainer:
             self._train_epoch()
             if self.step_in_epoch >= self.spe or self.global_step >= self.total_steps:
                 self._end_epoch()
+        self._hand_back_model()
         summary = self.summary(time.time() - t_start)
         write_json_atomic(os.path.join(self.workdir, "summary.json"), summary)
         self.stop.done.set()
@@ -246,7 +254,7 @@ class Trainer:
         self.agg.sync_all()
         self.model.eval()
         correct = total = 0
-        for chunk in datamod.eval_indices(self.data.test.size, self.rank, self.world).split(self.batch_size):
+        for chunk in datamod.eval_slice(self.data, self.rank, self.world).split(self.batch_size):
             x, y = self.data.test.fetch(chunk)
             pred = self.model(x.to(self.device)).argmax(dim=1)
             correct += int((pred.cpu() == y).sum())
@@ -256,6 +264,19 @@ class Trainer:
         dist.all_reduce(counts)
         set_train_mode(self.model, self.units, self.updated, self.trained_elsewhere)
         return float(counts[0]) / max(1, int(counts[1]))
+
+    def _hand_back_model(self) -> None:
+        """The synchronised model as model.pt + model.json in rank 0's run dir (every rank joins
+        the final sync; only rank 0 writes)."""
+        self.agg.sync_all()
+        if self.rank != 0:
+            return
+        d, plan = self.data, self.plan
+        meta = model_meta(spec=plan["model"], num_classes=int(plan.get("num_classes", 10)),
+                          image_size=int(plan.get("image_size", 32)), classes=getattr(d, "classes", None),
+                          mean=getattr(d, "mean", None), std=getattr(d, "std", None), accuracy=self.accuracy,
+                          job=self.job.id, dataset=self.job.dataset, steps=self.global_step, weights=self.job.weights)
+        self.log(f"trained model written to {save_model(self.workdir, self.model, meta)}")
 
     # --- reporting -------------------------------------------------------------------------
     def metrics(self) -> dict:
@@ -295,14 +316,13 @@ class Trainer:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}".strip()
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="dsparse_cli.runtime.worker")
-    p.add_argument("--plan", required=True)
-    p.add_argument("--job", required=True)  # its `resume` key drives resume
+    for name in ("--plan", "--job"):   # the job's `resume` key drives resume
+        p.add_argument(name, required=True)
     return p.parse_args(argv)
 
 
@@ -353,7 +373,7 @@ def main(argv=None) -> int:
         hb.set_state(WorkerState.STOPPED, error=str(exc))
         print(str(exc), flush=True)
         return EXIT_STOPPED
-    except (WorkerError, datamod.DataError, ckpt.CheckpointError) as exc:
+    except (WorkerError, datamod.DataError, ckpt.CheckpointError, ModelError, WeightsError) as exc:
         stop.done.set()
         print(f"error: {exc}", file=sys.stderr, flush=True)
         hb.set_state(WorkerState.FAILED, error=str(exc))

@@ -50,6 +50,18 @@ def test_put_without_sftp_writes_whole_files_with_their_mode(no_sftp, tmp_path):
         os.rmdir(os.path.dirname(copied))
 
 
+def test_get_without_sftp_reads_binary_files_over_the_shell(no_sftp, tmp_path):
+    src = no_sftp.dir / "work" / "model.pt"
+    src.parent.mkdir(parents=True, exist_ok=True)
+    src.write_bytes(bytes(range(256)) * 700)
+    dest = tmp_path / "model.pt"
+    with connect(target_for(no_sftp), connect_timeout=10, known_hosts=no_sftp.known_hosts) as t:
+        t.get(str(src), str(dest))
+        with pytest.raises(RemoteError, match="cannot read"):
+            t.get(str(no_sftp.dir / "absent"), str(tmp_path / "absent"))
+    assert dest.read_bytes() == src.read_bytes()
+
+
 def test_when_neither_way_works_the_error_says_both(no_sftp, tmp_path):
     src = tmp_path / "plan.json"
     src.write_text("{}")

@@ -147,6 +147,18 @@ def test_tilde_paths_resolve_to_the_login_home(ssh, tmp_path):
         shutil.rmtree(home_dir, ignore_errors=True)
 
 
+def test_get_copies_a_file_back_byte_exact(ssh, tmp_path):
+    src = tmp_path / "board" / "model.pt"
+    src.parent.mkdir()
+    src.write_bytes(bytes(range(256)) * 300)
+    dest = tmp_path / "here.pt"
+    ssh.get(str(src), str(dest))
+    assert dest.read_bytes() == src.read_bytes()
+    with pytest.raises(RemoteError, match="cannot read"):
+        ssh.get(str(tmp_path / "absent.pt"), str(tmp_path / "x.pt"))
+    assert not (tmp_path / "x.pt").exists()
+
+
 def test_put_missing_local_file_is_remote_error(ssh, tmp_path):
     with pytest.raises(RemoteError, match="no such local file"):
         ssh.put(str(tmp_path / "absent"), str(tmp_path / "x"))
