@@ -202,6 +202,7 @@ class Plan:
     cluster: str | None = None
     sync_every: int = 1
     base_bytes: int = 0
+    launcher: str = "torchrun"          # what starts the worker; plans from before it say nothing
     launcher_bytes: int = 0
     probe: dict = field(default_factory=dict)
     excluded: list = field(default_factory=list)

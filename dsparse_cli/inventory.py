@@ -27,6 +27,7 @@ from dsparse_cli.sizes import parse_size
 DEFAULT_PYTHON = "python3"
 DEFAULT_WORKDIR = "~/.dsparse-work"
 DEFAULT_MASTER_PORT = 29500
+LAUNCHERS = ("dsparse", "torchrun")   # the first is the default: runtime/supervise.py, no torch in it
 KINDS = ("jetson", "rpi", "x86", "auto")
 
 
@@ -68,6 +69,7 @@ class Inventory:
     state_dir: Path = field(default_factory=lambda: Path(".dsparse"))
     master_explicit: bool = False   # master.addr was written in cluster.yaml (else: the first board's host)
     warnings: list[str] = field(default_factory=list)   # loads, but looks wrong: the CLI prints these
+    launcher: str = LAUNCHERS[0]    # what starts the worker on each board (`launcher:` in cluster.yaml)
 
     def board(self, name: str) -> Target:
         for b in self.boards:
@@ -112,12 +114,13 @@ def load_inventory(path: str | Path | None, *, ssh_config: str | Path | None = N
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"cluster file {path} does not exist", "create it from cluster.yaml.example")
-    name, defaults, master, specs, warnings = _check(_read_yaml(path), path)
+    name, defaults, master, specs, warnings, launcher = _check(_read_yaml(path), path)
     lookup = _ssh_config_lookup(ssh_config)
     boards = [_resolve(b, line, defaults, lookup, path) for b, line in specs]
     addr = master.get("addr")
     return Inventory(name, boards, addr or boards[0].host, master.get("port", DEFAULT_MASTER_PORT), path, False,
-                     path.resolve().parent / ".dsparse", master_explicit=bool(addr), warnings=warnings)
+                     path.resolve().parent / ".dsparse", master_explicit=bool(addr), warnings=warnings,
+                     launcher=launcher)
 
 
 # --- reading: YAML that keeps line numbers ----------------------------------------------------
@@ -189,6 +192,14 @@ def _number(value) -> bool:
 _text = _rule(lambda v: isinstance(v, str) or _number(v), "text", str)   # `user: 1000` is text too
 _port = _rule(lambda v: _number(v) and 1 <= v <= 65535 and v == int(v), "a number from 1 to 65535", int)
 _flag = _rule(lambda v: isinstance(v, bool), "true or false")
+
+
+def _launcher(value) -> str:
+    if value not in LAUNCHERS:
+        close = _did_you_mean(str(value), LAUNCHERS)
+        raise ValueError(f"must be {' or '.join(LAUNCHERS)}, got {_show(value)}" + (f" ({close})" if close else ""))
+    return value
+
 _kind = _rule(lambda v: v in KINDS, "one of " + ", ".join(KINDS))
 _as_is = _rule(lambda v: True, "anything")   # defaults, master, boards: _check looks inside
 
@@ -203,7 +214,7 @@ def _board_name(value) -> str:
 _REACH = {"user": _text, "port": _port, "identity_file": _text, "python": _text, "workdir": _text,
           "data_dir": _text}
 _KEYS = {  # section -> key -> rule (a rule returns the value to use, or raises ValueError saying why not)
-    "cluster": {"name": _text, "defaults": _as_is, "master": _as_is, "boards": _as_is},
+    "cluster": {"name": _text, "defaults": _as_is, "master": _as_is, "boards": _as_is, "launcher": _launcher},
     "defaults": {**_REACH, "known_hosts": _text},
     "master": {"addr": _text, "port": _port},
     "board": {"name": _board_name, "host": _text, **_REACH, "kind": _kind, "memory_limit": parse_size,
@@ -244,8 +255,8 @@ class _Problems:
             raise ConfigError("\n".join(f"{self.path}: line {n}: {text}" for n, text in lines))
 
 
-def _check(raw: _Map, path: Path) -> tuple[str, dict, dict, list[tuple[dict, int]], list[str]]:
-    """The file's name, defaults, master and boards (each with its line), and its warnings."""
+def _check(raw: _Map, path: Path) -> tuple[str, dict, dict, list[tuple[dict, int]], list[str], str]:
+    """The file's name, defaults, master and boards (each with its line), its warnings and launcher."""
     problems = _Problems(path)
     top = problems.keys(raw, "cluster", "", 1)
     defaults = problems.keys(top.get("defaults", {}), "defaults", "defaults", raw.lines.get("defaults", 1))
@@ -276,7 +287,7 @@ def _check(raw: _Map, path: Path) -> tuple[str, dict, dict, list[tuple[dict, int
             problems.note(line, f"{where} has no host", "add `host:` or `local: true`")
         boards.append((board, line))
     problems.raise_if_any()
-    return top.get("name", "cluster"), defaults, master, boards, warnings
+    return top.get("name", "cluster"), defaults, master, boards, warnings, top.get("launcher", LAUNCHERS[0])
 
 
 # --- resolving: a checked board entry -> Target -------------------------------------------------

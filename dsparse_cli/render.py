@@ -110,7 +110,8 @@ def plan_view(doc: dict) -> Group:
         t.add_row(*row)
     parts = [t]
     if doc.get("launcher_bytes"):
-        parts.append(Text(f"peaks are the worker's; each budget also holds torchrun's agent "
+        who = "torchrun's agent" if doc.get("launcher", "torchrun") == "torchrun" else "dsparse's launcher"
+        parts.append(Text(f"peaks are the worker's; each budget also holds {who} "
                           f"({format_size(doc['launcher_bytes'])} of private memory)"))
     g = FitTable("aggregation groups (created in this order on every rank)",
                  ("group", "op", "ranks", "root", "units", "bytes/step"),

@@ -174,7 +174,7 @@ def logs(
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines (one BOARD, no --json)."),
     lines: int = typer.Option(50, "--lines", "-n", min=0, metavar="<int>", help="Lines to show."),
 ) -> None:
-    """Print a board's worker log (torchrun and worker output), or the last lines of every board's.
+    """Print a board's worker log (launcher and worker output), or the last lines of every board's.
     With --json: the lines as a list per board. Exit 1 when a log cannot be read."""
     from dsparse_cli.console import console, error, info
     from dsparse_cli.jobs.reach import each_board

@@ -1,4 +1,4 @@
-"""`dsparse train`: start torchrun workers on every board under the current plan and follow them."""
+"""`dsparse train`: start the workers on every board under the current plan and follow them."""
 
 from __future__ import annotations
 

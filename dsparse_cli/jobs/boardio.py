@@ -23,7 +23,7 @@ _SEP = "@@dsparse@@"
 class BoardState:
     heartbeat: dict | None
     now: float                # the board's clock
-    alive: bool | None        # torchrun's agent; None when no pid was recorded
+    alive: bool | None        # the launcher; None when no pid was recorded
     log_size: int
     new_log: str
     worker_alive: bool | None = None   # the worker (pid from its heartbeat); None when unknown

@@ -39,8 +39,8 @@ _PEER_ERROR = re.compile(r"peer|connection|broken pipe|timed? ?out|gloo|nccl|Dis
 POLL_TIMEOUT_S = 4.0   # one board's state read
 UNREACHABLE_S = 8.0    # silent this long: the board is lost (a dead link is named within 10 s)
 LOG_TAIL = 12
-EXIT_WAIT_S = 20.0   # after every board reported finished: how long torchrun may take to exit
-SETTLE_S = 5.0       # a failed board's torchrun gets this long to exit and log why, before we stop it
+EXIT_WAIT_S = 20.0   # after every board reported finished: how long the launcher may take to exit
+SETTLE_S = 5.0       # a failed board's launcher gets this long to exit and log why, before we stop it
 PEER_WAIT_S = 3.0    # only peer errors seen: how long to wait for the board that caused them
 
 
@@ -139,7 +139,7 @@ class Follower:
             rows = self.poll()
             show(rows)
             if all(r["state"] == BoardStatus.FINISHED for r in rows):
-                # Wait for torchrun to exit too: until then rank 0 holds the rendezvous port.
+                # Wait for the launcher to exit too: until then rank 0 holds the rendezvous port.
                 finished_at = finished_at or time.monotonic()
                 lingering = any(self.alive.values())
                 if not lingering or time.monotonic() - finished_at > EXIT_WAIT_S:
@@ -157,7 +157,7 @@ class Follower:
             time.sleep(self.poll_s)
 
     def _settle(self, name: str) -> None:
-        """Give the failed board's torchrun a moment to notice its dead worker and log the cause
+        """Give the failed board's launcher a moment to notice its dead worker and log the cause
         (exit code, signal): otherwise our stop would cut it short and leave nothing to show."""
         run = next(r for r in self.rec.boards if r.name == name)
         deadline = time.monotonic() + SETTLE_S

@@ -1,7 +1,8 @@
-"""Start a training job: write job and plan files to every board, start one torchrun per board.
+"""Start a training job: write job and plan files to every board, start one launcher per board
+(dsparse's standard-library supervisor, or torchrun) with the worker under it.
 
 Everything that can be checked is checked on every board before anything is started anywhere,
-so a bad board never leaves half a job running. Each torchrun runs in its own session; its
+so a bad board never leaves half a job running. Each launcher runs in its own session; its
 PID (== PGID) is recorded locally as soon as it exists so `dsparse stop` can always find it.
 """
 
@@ -85,8 +86,8 @@ def probe_ifaces(inv: Inventory, plan: Plan) -> dict[str, str]:
 
 
 def settle_master(inv: Inventory, plan: Plan) -> None:
-    """torchrun's static rendezvous runs its store on node rank 0, so the master address must be
-    the rank-0 board's. By default it is the first board's host; when the plan leaves that board
+    """The rendezvous store runs on rank 0 (torch's env:// and torchrun's static rendezvous alike),
+    so the master address must be the rank-0 board's. By default it is the first board's host; when the plan leaves that board
     out (`--exclude-small`), the default follows rank 0. An explicit master.addr that is another
     board's host is an error (any other address may be rank 0's on another interface)."""
     rank0 = inv.board(plan.devices[0].name)
@@ -102,7 +103,7 @@ def settle_master(inv: Inventory, plan: Plan) -> None:
 
 
 def check_port_free(inv: Inventory) -> None:
-    """The rendezvous port on the master must be free, or torchrun fails late and obscurely."""
+    """The rendezvous port on the master must be free, or the rendezvous fails late and obscurely."""
     if not all(b.local for b in inv.boards):
         return  # checked on the rank-0 board by the SSH path
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -141,14 +142,19 @@ def runtime_files() -> list[tuple[Path, str]]:
 
 
 def worker_command(target: Target, rank: int, world: int, inv: Inventory, run_dir: str) -> str:
+    """The board's launcher and the worker under it: dsparse's standard-library supervisor, or
+    torchrun (`launcher: torchrun`) with a static rendezvous on rank 0. `exec`: the recorded pid
+    (== pgid == sid) is the launcher itself, not a shell waiting on it."""
     q = shlex.quote
-    # exec: the recorded pid (== pgid == sid) is torchrun itself, not a shell waiting on it
-    return " ".join([
-        "exec", q(target.python), "-m", "torch.distributed.run", "--nnodes", str(world), "--node-rank", str(rank),
-        "--nproc-per-node", "1", "--master-addr", q(inv.master_addr), "--master-port", str(inv.master_port),
-        "--max-restarts", "0", "--monitor-interval", "1",
-        "-m", "dsparse_cli.runtime.worker", "--plan", q(f"{run_dir}/plan.json"), "--job", q(f"{run_dir}/job.json"),
-    ])
+    worker = ["-m", "dsparse_cli.runtime.worker", "--plan", q(f"{run_dir}/plan.json"), "--job", q(f"{run_dir}/job.json")]
+    if inv.launcher == "torchrun":
+        launcher = ["-m", "torch.distributed.run", "--nnodes", str(world), "--node-rank", str(rank),
+                    "--nproc-per-node", "1", "--master-addr", q(inv.master_addr), "--master-port", str(inv.master_port),
+                    "--max-restarts", "0", "--monitor-interval", "1"]
+    else:
+        launcher = ["-m", "dsparse_cli.runtime.supervise", "--rank", str(rank), "--world", str(world),
+                    "--master-addr", q(inv.master_addr), "--master-port", str(inv.master_port), "--"]
+    return " ".join(["exec", q(target.python), *launcher, *worker])
 
 
 def worker_env(target: Target, inv: Inventory, pkg_dir: str, probed_iface: str | None = None) -> dict[str, str]:
@@ -281,6 +287,9 @@ def start_job(inv: Inventory, doc: dict, opts: JobSpec, *, connect_timeout: floa
     cannot be staged; stops what it started when a later start fails."""
     plan = Plan.from_dict(doc)
     check_options(opts, plan)
+    if plan.launcher != inv.launcher:
+        raise ConfigError(f"the plan was made for the {plan.launcher} launcher, cluster.yaml asks for {inv.launcher}",
+                          "re-run `dsparse plan`: the launcher's memory is part of every budget")
     work = workload.prepare(inv, plan, opts)
     check_probe_facts(inv, plan)
     settle_master(inv, plan)

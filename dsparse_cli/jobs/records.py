@@ -28,14 +28,14 @@ class BoardRun:
     rank: int
     local: bool
     run_dir: str                 # on the board: job.json, plan.json, status.json, worker.log, checkpoints/
-    pid: int | None = None       # torchrun's pid == pgid (own session)
+    pid: int | None = None       # the launcher's pid == pgid (own session)
     pgid: int | None = None
-    worker_pid: int | None = None  # torchrun starts the worker in a session of its own (pid == pgid)
+    worker_pid: int | None = None  # the launcher starts the worker in a session of its own (pid == pgid)
     started: float | None = None
     target: Target | None = None   # how the board was reached at start; None in records made before it was kept
 
     def process_groups(self) -> list[int]:
-        """Every process group of this board's part of the job: torchrun's and its worker's."""
+        """Every process group of this board's part of the job: the launcher's and its worker's."""
         return [g for g in (self.pgid, self.worker_pid) if g]
 
     @property

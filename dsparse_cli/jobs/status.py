@@ -33,7 +33,7 @@ def classify(state: BoardState | None, error: str | None,
     if state.worker_alive is False:
         return BoardStatus.FAILED, "worker process died without reporting (killed or crashed; see `dsparse logs`)"
     if state.alive is False:
-        return BoardStatus.FAILED, "torchrun exited without the worker reporting (see `dsparse logs`)"
+        return BoardStatus.FAILED, "the launcher exited without the worker reporting (see `dsparse logs`)"
     age = state.heartbeat_age_s
     if age is not None and age > stale_after_s:
         return BoardStatus.STALE, f"no heartbeat for {age:.0f}s"

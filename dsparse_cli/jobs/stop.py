@@ -24,7 +24,7 @@ ANSWER_S = 8.0   # a board that does not answer a no-op this fast is not waited 
 
 
 def _learn_worker_pid(transport: Transport, run: BoardRun) -> None:
-    """The worker's pid is in its heartbeat; needed because torchrun gives it its own session."""
+    """The worker's pid is in its heartbeat; needed because the launcher gives it its own session."""
     if run.worker_pid:
         return
     try:

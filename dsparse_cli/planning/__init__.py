@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 
 from dsparse_cli.planning.planfile import DEFAULT_HEADROOM, budget_bytes, build_plan, load_plan, write_plan
 from dsparse_cli.planning.planner import CostTable, Device, PlanResult, depth_order, plan_devices
-from dsparse_cli.planning.profile import Profile, check_args, get_profile, peak_bytes, training_bytes
+from dsparse_cli.planning.profile import Profile, check_args, get_profile, launcher_bytes, peak_bytes, training_bytes
 from dsparse_cli.planning.schedule import build_groups
 
 __all__ = ["CostTable", "Device", "PlanResult", "Profile", "budget_bytes", "build_groups", "build_plan",
@@ -24,12 +24,13 @@ def plan_cluster(*, cluster: str, boards: Sequence[tuple[str, Mapping]], state_d
                  model: str = "mobilenet_v2", num_classes: int = 10, image_size: int = 32, batch_size: int = 64,
                  optimizer: str = "sgd-momentum", dtype: str = "float32", headroom: float = DEFAULT_HEADROOM,
                  sync_every: int = 1, importance: str = "depth", allow_frozen: bool = False,
-                 exclude_small: bool = False, refresh_profile: bool = False) -> dict:
+                 exclude_small: bool = False, refresh_profile: bool = False, launcher: str = "dsparse") -> dict:
     """Profile (cached), rank units, plan every board, and return the plan document (not written;
     call `write_plan(state_dir / "plan.json", doc)`).
 
     `boards`: (name, facts) in inventory order; facts must hold `usable_memory_bytes` and are
-    recorded in the plan's `probe` section as given (torch, cuda, source, ...)."""
+    recorded in the plan's `probe` section as given (torch, cuda, source, ...). `launcher`: what
+    starts the worker on each board ("dsparse" or "torchrun"); its memory is in every budget."""
     from dsparse_cli.planning.importance import importance_order
 
     check_plan_options(model=model, num_classes=num_classes, image_size=image_size, batch_size=batch_size,
@@ -40,10 +41,11 @@ def plan_cluster(*, cluster: str, boards: Sequence[tuple[str, Mapping]], state_d
     order = importance_order(importance, prof.num_units, model=model, num_classes=num_classes,
                              image_size=image_size, batch_size=batch_size)
     devices = [Device(name, budget_bytes(int(facts["usable_memory_bytes"]), headroom)) for name, facts in boards]
-    result = plan_devices(devices, prof, order, allow_frozen=allow_frozen, exclude_small=exclude_small)
+    result = plan_devices(devices, prof, order, allow_frozen=allow_frozen, exclude_small=exclude_small,
+                          launcher_bytes=launcher_bytes(prof, launcher))
     return build_plan(cluster=cluster, profile=prof, result=result, sync_every=sync_every,
                       probe={name: facts for name, facts in boards}, importance=importance,
-                      headroom=headroom, allow_frozen=allow_frozen)
+                      headroom=headroom, allow_frozen=allow_frozen, launcher=launcher)
 
 
 def check_plan_options(*, model: str, num_classes: int, image_size: int, batch_size: int, optimizer: str,

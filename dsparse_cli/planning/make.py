@@ -28,7 +28,8 @@ def make_plan(inv: Inventory, *, model: str = "mobilenet_v2", batch_size: int = 
         doc = plan_cluster(cluster=inv.name, boards=[(b.name, facts[b.name]) for b in inv.boards],
                            state_dir=inv.state_dir, model=model, num_classes=num_classes, image_size=image_size,
                            batch_size=batch_size, optimizer=optimizer, headroom=headroom, sync_every=sync_every,
-                           importance=importance, allow_frozen=allow_frozen, exclude_small=exclude_small)
+                           importance=importance, allow_frozen=allow_frozen, exclude_small=exclude_small,
+                           launcher=inv.launcher)
     write_plan(inv.state_dir / "plan.json", doc)
     for e in doc.get("excluded", []):
         warning(f"board {e['name']} is left out of the plan: {e['reason']}")

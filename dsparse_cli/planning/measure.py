@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import subprocess
 import sys
 from typing import Iterable
 
 from dsparse_cli.errors import ConfigError, DsparseError
 from dsparse_cli.planning.profile import (FROZEN, MALLOC_ENV, PASSTHROUGH, UPDATED, Profile, UnitCost,
-                                          live_peak_bytes, profile_key, save_profile)
+                                          live_peak_bytes, measure_launcher_bytes, profile_key, save_profile)
 from dsparse_cli.runtime.memory import current_rss, peak_rss, reset_peak_rss
 
 WARMUP_STEPS = 2
@@ -258,19 +257,6 @@ def measure_profile(model_name: str, *, num_classes: int = 10, image_size: int =
         "forward_only": {"measured_growth": frozen["growth"], "replayed_growth": live_peak_bytes(prof, set())},
     }
     return prof
-
-
-def measure_launcher_bytes() -> int:
-    """Private (anonymous) memory of torchrun's agent, which shares the board with the worker:
-    a fresh interpreter that has imported what the agent imports. Its file-backed pages are the
-    same libraries the worker maps, so only the private part adds to the board's use (~300 MiB
-    with the CUDA build of torch)."""
-    code = ("import torch.distributed.run\n"
-            "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('RssAnon:')))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 or not proc.stdout.strip().isdigit():
-        raise ConfigError(f"could not measure torchrun's memory: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-    return int(proc.stdout.strip()) * 1024
 
 
 def count_saved(model, units, updated: Iterable[int], batch, loss_fn) -> dict:

@@ -31,7 +31,7 @@ def budget_bytes(usable_memory_bytes: int, headroom: float = DEFAULT_HEADROOM) -
 
 def build_plan(*, cluster: str, profile: Profile, result: PlanResult, sync_every: int = 1,
                probe: Mapping[str, Mapping] | None = None, importance: str = "depth",
-               headroom: float = DEFAULT_HEADROOM, allow_frozen: bool = False) -> dict:
+               headroom: float = DEFAULT_HEADROOM, allow_frozen: bool = False, launcher: str = "dsparse") -> dict:
     """The plan document (see docs/internals.md) from a profile and the planner's result."""
     units = [{"index": u.index, "name": u.name, "modules": list(u.modules), "param_bytes": u.param_bytes,
               "buffer_bytes": u.buffer_bytes, "grad_bytes": u.grad_bytes, "optimizer_bytes": u.optimizer_bytes}
@@ -52,7 +52,7 @@ def build_plan(*, cluster: str, profile: Profile, result: PlanResult, sync_every
         "base_bytes": profile.base_bytes, "headroom": headroom, "importance": importance,
         "importance_order": list(result.order), "allow_frozen": allow_frozen,
         "frozen_units": list(result.frozen_units), "min_peak_bytes": result.min_peak_bytes,
-        "launcher_bytes": result.launcher_bytes,
+        "launcher": launcher, "launcher_bytes": result.launcher_bytes,
         "units": units, "devices": devices, "groups": groups,
         "excluded": [{"name": e.name, "budget_bytes": e.budget_bytes, "needed_bytes": e.needed_bytes,
                       "reason": e.reason} for e in result.excluded],

@@ -106,7 +106,7 @@ class PlanResult:
     full_update_peak_bytes: int
     full_update_training_bytes: int
     min_peak_bytes: int              # forward + the top-ranked unit's update
-    launcher_bytes: int = 0          # torchrun's agent, next to the worker on every board
+    launcher_bytes: int = 0          # the launcher (supervisor or torchrun's agent) next to the worker
     excluded: list[Excluded] = field(default_factory=list)
     frozen_units: list[int] = field(default_factory=list)   # trained by no device (allow_frozen)
 
@@ -124,14 +124,16 @@ def _check_order(order: Sequence[int], n: int) -> list[int]:
 
 
 def plan_devices(devices: Sequence[Device], cost: CostModel, order: Sequence[int] | None = None, *,
-                 allow_frozen: bool = False, exclude_small: bool = False) -> PlanResult:
-    """Assign each device the longest prefix of `order` that fits its budget (see module doc)."""
+                 allow_frozen: bool = False, exclude_small: bool = False,
+                 launcher_bytes: int | None = None) -> PlanResult:
+    """Assign each device the longest prefix of `order` that fits its budget (see module doc).
+    `launcher_bytes`: the launcher next to the worker (default: the cost model's, torchrun's)."""
     n = cost.num_units
     order = _check_order(depth_order(n) if order is None else order, n)
     if not devices:
         raise ConfigError("no boards to plan for", "add boards to cluster.yaml")
     peaks = [0] + [cost.peak_bytes(order[:k]) for k in range(1, n + 1)]
-    launcher = int(getattr(cost, "launcher_bytes", 0))
+    launcher = int(getattr(cost, "launcher_bytes", 0) if launcher_bytes is None else launcher_bytes)
     needs_of = [0] + [p + launcher for p in peaks[1:]]   # what the board holds: worker + agent
     top = cost.unit_names[order[0]]
     planned, excluded = [], []

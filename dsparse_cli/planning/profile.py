@@ -327,6 +327,29 @@ def get_profile(state_dir: str | Path, model: str, *, num_classes: int = 10, ima
     return load_profile(path)
 
 
+def launcher_bytes(profile: Profile, launcher: str) -> int:
+    """What the board's launcher keeps next to the worker: torchrun's agent was measured with the
+    profile (it imports torch); dsparse's supervisor is measured now (a fraction of a second)."""
+    return profile.launcher_bytes if launcher == "torchrun" else measure_launcher_bytes(launcher)
+
+
+def measure_launcher_bytes(kind: str = "torchrun") -> int:
+    """Private (anonymous) memory of the launcher that shares the board with the worker: a fresh
+    interpreter that has imported what it imports. Its file-backed pages are the same libraries
+    the worker maps, so only the private part adds to the board's use: ~300 MiB for torchrun's
+    agent with the CUDA build of torch, a few MiB for dsparse's supervisor (standard library)."""
+    module = "torch.distributed.run" if kind == "torchrun" else "dsparse_cli.runtime.supervise"
+    code = (f"import {module}\n"
+            "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('RssAnon:')))")
+    root = str(Path(__file__).resolve().parents[2])   # the dsparse_cli package's parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    if proc.returncode != 0 or not proc.stdout.strip().isdigit():
+        raise ConfigError(f"could not measure the {kind} launcher's memory: "
+                          f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return int(proc.stdout.strip()) * 1024
+
+
 def child_env() -> dict[str, str]:
     """Environment for a measuring child: this repo importable, glibc returning memory."""
     root = str(Path(__file__).resolve().parents[2])

@@ -50,7 +50,7 @@ def check_plan(plan: dict, rank: int, world: int) -> dict:
     except ContractError as exc:
         raise WorkerError(f"{exc}; re-run `dsparse plan`") from None
     if len(devices) != world:
-        raise WorkerError(f"the plan has {len(devices)} devices but torchrun started {world} ranks; "
+        raise WorkerError(f"the plan has {len(devices)} devices but the launcher started {world} ranks; "
                           "launch one node per plan device")
     if not 0 <= rank < world:
         raise WorkerError(f"rank {rank} outside 0..{world - 1}")

@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 MiB = 1 << 20
 BOARDS = ("b0", "b1", "b2", "b3")
 HEADROOM = 0.15                      # `dsparse plan`'s default
-# Room on each board beyond what the plan counts (worker peak + torchrun's agent): sshd, the
+# Room on each board beyond what the plan counts (worker peak + its launcher): sshd, the
 # shell, page cache.
 ROOM_MIB = 100
 ACCURACY_FLOOR = 0.30                # 2 epochs of tiny_cnn on digits reach ~0.44 here; chance is 0.10
@@ -45,14 +45,14 @@ TRAIN = ("train", "--dataset", "digits", "--batch-size", "16", "--lr", "0.1",
 
 
 def predicted_needs(state_dir: Path, batch_size: int) -> tuple[int, int]:
-    """What a board must hold for tiny_cnn (worker peak + torchrun's agent) to train the last unit
+    """What a board must hold for tiny_cnn (worker peak + dsparse's launcher) to train the last unit
     only, and every unit, from the profile measured here (as `dsparse plan` does; cached in
     `state_dir`)."""
-    from dsparse_cli.planning.profile import get_profile
+    from dsparse_cli.planning.profile import get_profile, launcher_bytes
 
     prof = get_profile(state_dir, "tiny_cnn", batch_size=batch_size, image_size=32)
-    n = prof.num_units
-    return prof.peak_bytes([n - 1]) + prof.launcher_bytes, prof.peak_bytes(range(n)) + prof.launcher_bytes
+    n, launcher = prof.num_units, launcher_bytes(prof, "dsparse")
+    return prof.peak_bytes([n - 1]) + launcher, prof.peak_bytes(range(n)) + launcher
 
 
 def up_args(boards: int, memory_mib: int) -> list[str]:
@@ -198,7 +198,7 @@ def test_probe_plan_train_status_without_oom(cluster):
     assert proc.returncode == 0, proc.stderr[-3000:]
     plan = json.loads(proc.stdout)
     assert [d["name"] for d in plan["devices"]] == list(BOARDS)
-    assert plan["launcher_bytes"] > 50 * MiB    # torchrun's agent, counted in every board's budget
+    assert plan["launcher"] == "dsparse" and 0 < plan["launcher_bytes"] < 20 * MiB   # the supervisor, in every budget
     for d in plan["devices"]:
         assert d["predicted_peak_bytes"] + plan["launcher_bytes"] <= d["budget_bytes"]
         pushed = json.loads(Path(tb.board(d["name"])["workdir"], "plan.json").read_text())

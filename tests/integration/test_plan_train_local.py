@@ -20,7 +20,7 @@ from helpers import one_line_error, run_cli
 pytestmark = pytest.mark.slow
 
 # Local boards sized for tiny_cnn at batch 16: each holds a worker (a 0.7-1.0 GiB base with the
-# CUDA torch build, depending on the environment) and torchrun's agent (~0.3 GiB).
+# CUDA torch build, depending on the environment) and its launcher (torchrun's agent: ~0.3 GiB).
 CLUSTER = """name: local2
 master: {{addr: 127.0.0.1, port: {port}}}
 boards:
@@ -176,6 +176,19 @@ def test_train_then_status(planned, tmp_path):
         assert b["state"] == "finished" and b["bytes_per_step"] > 0
     proc = run_cli("logs", "a", "-n", "5", cwd=d)
     assert proc.returncode == 0 and "accuracy" in proc.stdout
+
+
+def test_launcher_torchrun_keeps_the_old_way_and_needs_its_own_plan(planned, tmp_path):
+    d = fresh_copy(planned, tmp_path)
+    (d / "cluster.yaml").write_text("launcher: torchrun\n" + (d / "cluster.yaml").read_text())
+    proc = run_cli("train", "--dataset", "digits", "--max-steps", "2", cwd=d)
+    assert proc.returncode == 2 and "re-run `dsparse plan`" in one_line_error(proc)   # budgets hold the launcher
+    doc = json.loads(run_cli(*PLAN, "--json", cwd=d).stdout)
+    assert doc["launcher"] == "torchrun" and doc["launcher_bytes"] > 50 * 2**20   # its agent imports torch
+    proc = run_cli("train", "--dataset", "digits", "--max-steps", "2", "--json", cwd=d)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = next((d / ".dsparse" / "boards" / "a" / "runs").glob("*/worker.log")).read_text()
+    assert "[dsparse launcher]" not in log and json.loads(proc.stdout)["state"] == "finished"
 
 
 def _pid_alive(pid: int) -> bool:

@@ -4,8 +4,8 @@ entry point: probe -> plan --push -> train, detach/watch/stop, Ctrl-C, and the e
 come before anything is started. (A killed worker and `--resume` over SSH are in
 tests/e2e/test_cluster.py, on boards with their own network and memory limits.)
 
-Every process of a job is checked by its exact PID in /proc (sshd is local): torchrun's (== its
-process group and session) and the worker's, which torchrun starts in a session of its own.
+Every process of a job is checked by its exact PID in /proc (sshd is local): the launcher's (== its
+process group and session) and the worker's, which the launcher starts in a session of its own.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def _alive(pid: int) -> bool:
 
 
 def _session_members(sids: set[int]) -> list[int]:
-    """Live processes in any of these sessions (torchrun and the worker each lead one)."""
+    """Live processes in any of these sessions (the launcher and the worker each lead one)."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -149,7 +149,7 @@ def _heartbeat(run: dict) -> dict | None:
 
 
 def _job_pids(job: dict) -> set[int]:
-    """torchrun's pid and the worker's (from the record, else its heartbeat) on every board."""
+    """The launcher's pid and the worker's (from the record, else its heartbeat) on every board."""
     pids = set()
     for b in job["boards"]:
         hb = _heartbeat(b) or {}
@@ -159,7 +159,7 @@ def _job_pids(job: dict) -> set[int]:
 
 def _assert_nothing_left(job: dict) -> None:
     pids = _job_pids(job)
-    assert len(pids) == 2 * len(BOARDS), f"expected torchrun and worker pids on every board, got {pids}"
+    assert len(pids) == 2 * len(BOARDS), f"expected launcher and worker pids on every board, got {pids}"
     alive = [p for p in pids if _alive(p)]
     assert not alive, f"processes of job {job['id']} still alive: {alive}"
     assert not _session_members(pids), "a process of the job survives in its sessions"
@@ -261,14 +261,17 @@ def test_detach_watch_stop_leaves_nothing(cluster):
 
     for rank, b in enumerate(job["boards"]):
         worker = _heartbeat(b)["pid"]
-        torchrun = _stat(b["pid"])
-        assert torchrun[3] == str(b["pid"]) and _stat(worker)[3] == str(worker)  # own sessions
+        launcher = _stat(b["pid"])
+        assert launcher[3] == str(b["pid"]) and _stat(worker)[3] == str(worker)  # own sessions
         env = _environ(worker)  # the interface the probe found toward the master
         assert env["GLOO_SOCKET_IFNAME"] == env["NCCL_SOCKET_IFNAME"] == "lo"
         assert env["PYTHONPATH"] == str(c.workdirs[b["name"]] / "pkg")
         cmdline = _cmdline(b["pid"]).split(b"\0")
-        assert cmdline[0].decode() == sys.executable and b"--node-rank" in cmdline
-        assert cmdline[cmdline.index(b"--node-rank") + 1] == str(rank).encode()
+        # dsparse's own launcher, not torchrun's agent (which would import torch next to the worker)
+        assert cmdline[0].decode() == sys.executable and b"dsparse_cli.runtime.supervise" in cmdline
+        assert not any(b"torch.distributed.run" in _cmdline(p) for p in (b["pid"], worker))
+        assert cmdline[cmdline.index(b"--rank") + 1] == str(rank).encode()
+        assert env["RANK"] == str(rank) and env["LOCAL_RANK"] == "0"
 
     follow = _popen(c, "logs", "b1", "-f", "-n", "20")
     followed = _collect_output(follow)  # `tail -F` over SSH: the log so far, then it waits

@@ -103,6 +103,12 @@ def test_builtin_cluster_has_distinct_budgets():
     assert len({b.memory_limit for b in inv.boards}) == len(inv.boards)
 
 
+def test_the_launcher_is_dsparse_unless_torchrun_is_asked_for(tmp_path):
+    assert load_inventory(write(tmp_path, "boards:\n  - {name: a, local: true}\n")).launcher == "dsparse"
+    asked = write(tmp_path, "launcher: torchrun\nboards:\n  - {name: a, local: true}\n")
+    assert load_inventory(asked).launcher == "torchrun"
+
+
 def test_no_file_falls_back_to_builtin(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert load_inventory(None).builtin
@@ -118,6 +124,8 @@ JARGON = ("Input should", "boards.0", "instance of", "Field required", "Value er
     ("boards:\n  - {name: a, host: h, color: red}\n", "unknown key 'color' (valid keys: name, host, user,"),
     ("defaults: {usr: x}\nboards:\n  - {name: a, local: true}\n", "line 1: defaults: unknown key 'usr' (did you mean 'user'?)"),
     ("bords: []\n", "unknown key 'bords' (did you mean 'boards'?)"),
+    ("launcher: torchrn\nboards:\n  - {name: a, local: true}\n",
+     "line 1: launcher must be dsparse or torchrun, got 'torchrn' (did you mean 'torchrun'?)"),
     ("boards:\n  - {name: a, local: true}\n  - {name: a, local: true}\n",
      "line 3: duplicate board name 'a' (line 2 has it too; each board needs its own name)"),
     ("boards:\n  - {name: a}\n", "line 2: board 'a' has no host (add `host:` or `local: true`)"),

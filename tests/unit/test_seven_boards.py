@@ -104,7 +104,7 @@ def test_survives_a_few_mib_of_base_drift(planned, shift_mib):
     assert prof.key == doc["profile_key"] and prof.base_bytes == doc["base_bytes"]
     shifted = dataclasses.replace(prof, base_bytes=prof.base_bytes + shift_mib * MiB)
     devices = [Device(b.name, budget_bytes(b.memory_limit)) for b in load_inventory(work / "seven-boards.yaml").boards]
-    res = plan_devices(devices, shifted, depth_order(prof.num_units))
+    res = plan_devices(devices, shifted, depth_order(prof.num_units), launcher_bytes=doc["launcher_bytes"])
     rows = [{"predicted_training_bytes": d.predicted_training_bytes,
              "full_update_training_bytes": res.full_update_training_bytes} for d in res.devices]
     assert len(res.devices) == 7 and res.frozen_units == []

@@ -68,7 +68,7 @@ def test_verify_measures_each_device_close_to_prediction(profile, state_dir):
     full = profile.peak_bytes(range(4)) + agent
     boards = [("big", {"usable_memory_bytes": int(full / 0.85) + (1 << 20)}),
               ("small", {"usable_memory_bytes": int((profile.peak_bytes([2, 3]) + agent) / 0.85) + 4096})]
-    doc = plan_cluster(cluster="t", boards=boards, state_dir=state_dir, **MODEL)
+    doc = plan_cluster(cluster="t", boards=boards, state_dir=state_dir, launcher="torchrun", **MODEL)
     assert [d["units"] for d in doc["devices"]] == [[0, 1, 2, 3], [2, 3]]
     path = write_plan(state_dir / "plan.json", doc)
     assert load_plan(path, ["big", "small"]) == doc

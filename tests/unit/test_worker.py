@@ -78,7 +78,7 @@ def test_plan_application_freezes_units(world_of_one, tmp_path):
 
 
 def test_plan_for_another_world_size_is_refused(tmp_path):
-    with pytest.raises(WorkerError, match="2 devices but torchrun started 3"):
+    with pytest.raises(WorkerError, match="2 devices but the launcher started 3"):
         Trainer(make_plan([[0, 1, 2, 3], [3]]), make_job(str(tmp_path)), 0, 3)
 
 
