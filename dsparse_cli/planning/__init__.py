@@ -28,9 +28,10 @@ def plan_cluster(*, cluster: str, boards: Sequence[tuple[str, Mapping]], state_d
     """Profile (cached), rank units, plan every board, and return the plan document (not written;
     call `write_plan(state_dir / "plan.json", doc)`).
 
-    `boards`: (name, facts) in inventory order; facts must hold `usable_memory_bytes` and are
-    recorded in the plan's `probe` section as given (torch, cuda, source, ...). `launcher`: what
-    starts the worker on each board ("dsparse" or "torchrun"); its memory is in every budget."""
+    `boards`: (name, facts) in inventory order; facts hold `usable_memory_bytes` and/or
+    `training_allowance_bytes` (see `board_budget`) and are recorded in the plan's `probe` section
+    as given (torch, cuda, source, ...). `launcher`: what starts the worker on each board
+    ("dsparse" or "torchrun"); its memory is in every budget."""
     from dsparse_cli.planning.importance import importance_order
 
     check_plan_options(model=model, num_classes=num_classes, image_size=image_size, batch_size=batch_size,
@@ -40,12 +41,24 @@ def plan_cluster(*, cluster: str, boards: Sequence[tuple[str, Mapping]], state_d
                        batch_size=batch_size, dtype=dtype, optimizer=optimizer, refresh=refresh_profile)
     order = importance_order(importance, prof.num_units, model=model, num_classes=num_classes,
                              image_size=image_size, batch_size=batch_size)
-    devices = [Device(name, budget_bytes(int(facts["usable_memory_bytes"]), headroom)) for name, facts in boards]
+    launcher_mem = launcher_bytes(prof, launcher)
+    devices = [Device(name, board_budget(facts, headroom, prof.base_bytes + launcher_mem)) for name, facts in boards]
     result = plan_devices(devices, prof, order, allow_frozen=allow_frozen, exclude_small=exclude_small,
-                          launcher_bytes=launcher_bytes(prof, launcher))
+                          launcher_bytes=launcher_mem)
     return build_plan(cluster=cluster, profile=prof, result=result, sync_every=sync_every,
                       probe={name: facts for name, facts in boards}, importance=importance,
                       headroom=headroom, allow_frozen=allow_frozen, launcher=launcher)
+
+
+def board_budget(facts: Mapping, headroom: float, base_and_launcher: int) -> int:
+    """Usable memory less the headroom; a simulated board's training allowance instead gives the
+    measured base + launcher + the allowance (the lower of the two when it has both)."""
+    budgets = []
+    if facts.get("usable_memory_bytes"):
+        budgets.append(budget_bytes(int(facts["usable_memory_bytes"]), headroom))
+    if facts.get("training_allowance_bytes"):
+        budgets.append(base_and_launcher + int(facts["training_allowance_bytes"]))
+    return min(budgets)
 
 
 def check_plan_options(*, model: str, num_classes: int, image_size: int, batch_size: int, optimizer: str,

@@ -53,12 +53,14 @@ def _budget_sources(inv: Inventory) -> dict[str, dict]:
         if p and p.usable_memory_bytes:
             facts[board.name] = {"usable_memory_bytes": p.usable_memory_bytes, "source": "probe",
                                  "torch": p.torch, "cuda": p.cuda, "kind": p.kind, "arch": p.arch}
-        elif board.memory_limit:
+        elif board.memory_limit or board.training_memory:
             facts[board.name] = {"usable_memory_bytes": board.memory_limit, "source": "inventory",
                                  "torch": None, "cuda": False, "kind": board.kind, "arch": None}
         else:
             raise ConfigError(f"no probe result and no memory_limit for board {board.name}",
                               "run `dsparse probe` (or `dsparse plan --probe`), or set memory_limit")
+        if board.training_memory:
+            facts[board.name]["training_allowance_bytes"] = board.training_memory
     return facts
 
 

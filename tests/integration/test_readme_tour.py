@@ -3,6 +3,7 @@ directory (so on the built-in demo cluster), with `dsparse` from .venv/bin on PA
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -85,6 +86,9 @@ def test_readme_tour_runs_verbatim_on_the_demo_cluster(tmp_path):
             for needle in needles:
                 assert needle in out, f"{command}: {needle!r} not in its output\n{out[-3000:]}"
             assert "Traceback" not in out, f"{command}\n{out[-3000:]}"
+            if command.split()[1] == "plan":   # budgets follow the machine: four boards, four unit sets
+                devices = json.loads((work / ".dsparse" / "plan.json").read_text())["devices"]
+                assert len(devices) == 4 and len({tuple(d["units"]) for d in devices}) == 4, devices
     finally:   # whatever failed, leave no job running
         run_line("dsparse stop", work, env)
     assert not (work / "cluster.yaml").exists() and (work / ".dsparse" / "plan.json").exists()

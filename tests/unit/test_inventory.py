@@ -100,7 +100,7 @@ def test_builtin_cluster_has_distinct_budgets():
     inv = builtin_cluster()
     assert inv.builtin and len(inv.boards) >= 3
     assert all(b.local for b in inv.boards)
-    assert len({b.memory_limit for b in inv.boards}) == len(inv.boards)
+    assert len({b.training_memory for b in inv.boards}) == len(inv.boards)   # distinct allowances
 
 
 def test_the_launcher_is_dsparse_unless_torchrun_is_asked_for(tmp_path):

@@ -139,3 +139,20 @@ def test_grad_importance_is_measured_and_reproducible():
 def test_unknown_importance_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown importance"):
         importance_order("random", 4)
+
+
+def test_a_training_allowance_is_on_top_of_the_measured_base_and_launcher():
+    from dsparse_cli.planning import board_budget
+
+    MiB = 1 << 20
+    assert board_budget({"training_allowance_bytes": 80 * MiB}, 0.15, 700 * MiB) == 780 * MiB
+    assert board_budget({"usable_memory_bytes": 1000 * MiB}, 0.15, 700 * MiB) == int(850 * MiB)
+    # both: the tighter wins (an allowance never lifts a board past its real memory)
+    assert board_budget({"usable_memory_bytes": 800 * MiB, "training_allowance_bytes": 200 * MiB}, 0.15,
+                        700 * MiB) == int(680 * MiB)
+
+
+def test_the_demo_boards_are_given_allowances_not_absolute_limits():
+    from dsparse_cli.inventory import builtin_cluster
+
+    assert all(b.memory_limit is None and b.training_memory for b in builtin_cluster().boards)
