@@ -226,3 +226,20 @@ def test_bad_models_and_weights_are_refused(planned, tmp_path):
     for args, needle in cases:
         _unchanged(d, run_cli(*args, cwd=d), needle)
     assert plan_file.read_bytes() == before and _jobs(d) == []
+
+
+@pytest.mark.parametrize("size", [128, 224])
+def test_bigger_inputs_where_activations_decide_what_fits(tmp_path, size):
+    """At 128x128 and 224x224 the profiler, the planner and the runtime work here, and a board with
+    60 % of a full update's training memory gets a smaller plan (activations, not the base, decide)."""
+    d = cluster_dir(tmp_path / f"big{size}", "  - {name: a, local: true, training_memory: 4GiB}\n"
+                                              "  - {name: b, local: true, training_memory: 4GiB}\n")
+    args = ("--model", "mobilenet_v2", "--batch-size", "8", "--image-size", str(size))
+    full = plan(d, *args)["devices"][0]["full_update_training_bytes"]
+    (d / "cluster.yaml").write_text((d / "cluster.yaml").read_text().replace(
+        "name: b, local: true, training_memory: 4GiB", f"name: b, local: true, training_memory: {int(full * 0.6)}B"))
+    a, b = plan(d, *args)["devices"]
+    assert len(a["units"]) == 20 and 0 < len(b["units"]) < 20
+    assert b["predicted_training_bytes"] <= 0.6 * full < a["predicted_training_bytes"]
+    summary = train(d, "--dataset", "synthetic", "--max-steps", "2", "--batch-size", "8")
+    assert summary["state"] == "finished" and all(x["global_step"] == 2 for x in summary["boards"])
