@@ -12,6 +12,7 @@ from collections import Counter
 from typing import Iterable, Mapping
 
 from rich.console import Console, ConsoleOptions, Group, RenderResult
+from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
@@ -197,3 +198,12 @@ def _fmt(value, spec: str = "") -> str:
         return format(value, spec)
     except (TypeError, ValueError):
         return str(value)
+
+
+def preflight_table(columns: tuple, rows: list[tuple], problems: list[str]) -> FitTable:
+    """The preflight of every board before a launch; under it, each problem on its own line."""
+    t = FitTable("preflight (nothing was started)", columns, essential=columns)
+    for row in rows:
+        t.add_row(*(escape(str(cell)) for cell in row))
+    t.caption = "\n".join(escape(p) for p in problems)
+    return t

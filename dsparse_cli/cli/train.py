@@ -65,6 +65,7 @@ def train(
     from dsparse_cli.contract import plan_hash
     from dsparse_cli.jobs import records
     from dsparse_cli.jobs.launch import start_job
+    from dsparse_cli.jobs.preflight import PreflightError
 
     json_out = options.json
     inv = inventory()
@@ -90,8 +91,16 @@ def train(
     if opts.optimizer != plan["optimizer"]:
         raise ConfigError(f"the plan was made for optimizer {plan['optimizer']}, not {opts.optimizer}",
                           f"re-run `dsparse plan --optimizer {opts.optimizer}`")
-    rec, transports = start_job(inv, plan, opts, connect_timeout=options.connect_timeout,
-                                accept_new_host_keys=accept_new_host_keys, resume_of=previous)
+    try:
+        rec, transports = start_job(inv, plan, opts, connect_timeout=options.connect_timeout,
+                                    accept_new_host_keys=accept_new_host_keys, resume_of=previous)
+    except PreflightError as exc:   # the table on stdout, the first problem as the error line
+        if not json_out:
+            from dsparse_cli import render
+            from dsparse_cli.console import show
+
+            show(render.preflight_table(exc.columns, exc.rows, exc.problems))
+        raise
     if detach:
         if json_out:
             print_json({"job": rec.id, "state": rec.state, "boards": [b.name for b in rec.boards]})

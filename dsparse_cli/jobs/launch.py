@@ -20,7 +20,7 @@ import dsparse_cli
 from dsparse_cli.contract import DATASETS, JobSpec, JobState, Plan, plan_hash
 from dsparse_cli.errors import EXIT_BOARD_FAILED, ConfigError, JobError
 from dsparse_cli.inventory import Inventory, Target
-from dsparse_cli.jobs import records, workload
+from dsparse_cli.jobs import preflight, records, workload
 from dsparse_cli.jobs.records import BoardRun, JobRecord
 from dsparse_cli.remote import connect, fan_out
 from dsparse_cli.remote.base import Transport
@@ -83,6 +83,14 @@ def probe_ifaces(inv: Inventory, plan: Plan) -> dict[str, str]:
         if b.iface and getattr(b, "master", None) in (None, inv.master_addr):
             found[b.name] = b.iface
     return found
+
+
+def probed_gloo(inv: Inventory) -> dict[str, bool | None]:
+    """Per board, whether the last probe found torch built with gloo (None: not known)."""
+    from dsparse_cli.probing.collect import read_cache
+
+    cache = read_cache(inv)
+    return {name: info.gloo for name, info in (cache.answered() if cache else {}).items()}
 
 
 def settle_master(inv: Inventory, plan: Plan) -> None:
@@ -192,44 +200,6 @@ def new_record(inv: Inventory, plan: Plan, job_id: str, hash_of_plan: str) -> Jo
                      inv.master_addr, inv.master_port, boards)
 
 
-_PREFLIGHT = (
-    "import importlib.util as u, os, socket, sys\n"
-    "print('home=' + os.path.expanduser('~'))\n"
-    "missing = [m for m in ('torch', 'torchvision') if u.find_spec(m) is None]\n"
-    "print('missing=' + ','.join(missing))\n"
-    "for m in ('torch', 'torchvision'):\n"
-    "    try:\n"
-    "        from importlib.metadata import version; print(m + '=' + version(m))\n"
-    "    except Exception: pass\n"
-    "port = int(sys.argv[1])\n"
-    "if port:\n"
-    "    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-    "    try: s.bind(('', port)); print('port=free')\n"
-    "    except OSError: print('port=busy')\n"
-)
-
-
-def preflight(transport: Transport, target: Target, port: int | None) -> dict[str, str]:
-    """On the board, without importing torch (slow on a Pi): torch and torchvision are installed,
-    and, on the rank-0 board, the rendezvous port is free. Returns what it found: `home` and the
-    installed `torch`/`torchvision` versions (when their metadata says)."""
-    result = transport.run(f"{shlex.quote(target.python)} - {port or 0}", timeout=60, input=_PREFLIGHT.encode())
-    if result.rc in (126, 127):
-        raise ConfigError(f"python {target.python!r} not found on board {target.name}",
-                          "install python3 there or set `python:` for the board in cluster.yaml")
-    out = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
-    if result.rc != 0 or "missing" not in out:
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ConfigError(f"preflight check failed on board {target.name}: {last}")
-    if out["missing"]:
-        raise ConfigError(f"board {target.name} has no {' and no '.join(out['missing'].split(','))} "
-                          f"for {target.python}", "install torch and torchvision there (see `dsparse probe`)")
-    if out.get("port") == "busy":
-        raise ConfigError(f"port {port} is already in use on board {target.name} (the rendezvous master)",
-                          "stop what holds it or pass --master-port")
-    return out
-
-
 def absolute_workdir(workdir: str, home: str) -> str:
     """Paths go into quoted shell commands, where `~` would not expand: resolve it once here."""
     if workdir == "~" or workdir.startswith("~/"):
@@ -304,12 +274,22 @@ def start_job(inv: Inventory, doc: dict, opts: JobSpec, *, connect_timeout: floa
     staging = inv.state_dir / "jobs" / f"{rec.id}.staging"
     world = len(rec.boards)
 
+    ifaces, gloo, need_disk = probe_ifaces(inv, plan), probed_gloo(inv), preflight.checkpoint_bytes(plan)
+    checks: dict[str, preflight.BoardCheck] = {}
+
     def stage(run: BoardRun):
         target = run.target = by_name[run.name]   # a resume reaches boards as cluster.yaml says now
         transport = connect(target, connect_timeout=connect_timeout, accept_new_host_keys=accept_new_host_keys)
         try:
+            check = checks[run.name] = preflight.check_board(
+                transport, target, rank=run.rank, master=inv.master_addr,
+                port=inv.master_port if run.rank == 0 and not target.local else None,
+                iface=target.iface or ifaces.get(run.name) or ("lo" if target.local else None),
+                need_disk=need_disk, gloo=gloo.get(run.name))
+            found = check.found
+            if check.problems:
+                return transport, None
             if not target.local:
-                found = preflight(transport, target, inv.master_port if run.rank == 0 else None)
                 warn_torch_changed(run.name, found, plan)
                 run.run_dir = absolute_workdir(run.run_dir, found["home"])
             job = job_doc(work.spec, rec.id, run.run_dir, resume=resume_of is not None)
@@ -327,14 +307,18 @@ def start_job(inv: Inventory, doc: dict, opts: JobSpec, *, connect_timeout: floa
     staged = fan_out([by_name[r.name] for r in rec.boards],
                      lambda t: stage(next(r for r in rec.boards if r.name == t.name)))
     failed = [r for r in staged if not r.ok]
-    if failed:
+    if checks:
+        preflight.same_torch(list(checks.values()))
+    problems = [p for c in checks.values() for p in c.problems]
+    if failed or problems:
         for r in staged:
             if r.ok:
                 r.value[0].close()
-        raise JobError(f"board {failed[0].name}: {failed[0].error}; nothing was started",
-                       exit_code=EXIT_BOARD_FAILED)
+        if failed:
+            raise JobError(f"board {failed[0].name}: {failed[0].error}; nothing was started",
+                           exit_code=EXIT_BOARD_FAILED)
+        raise preflight.PreflightError(problems, preflight.rows(list(checks.values())))
     transports = {r.name: r.value[0] for r in staged}
-    ifaces = probe_ifaces(inv, plan)
     records.save(inv.state_dir, rec)
     try:
         for run, result in zip(rec.boards, staged):

@@ -613,6 +613,8 @@ out = {"torch": None, "torchvision": None, "cuda": False, "cuda_device": None,
 try:
     import torch
     out["torch"] = torch.__version__
+    import torch.distributed as dist
+    out["gloo"] = bool(dist.is_available() and dist.is_gloo_available())
     try:
         import torchvision
         out["torchvision"] = torchvision.__version__
@@ -718,6 +720,7 @@ def collect_torch_info(info, args, warnings):
     info["torch"] = torch.get("torch")
     info["torch_timed_out"] = bool(torch.get("timed_out"))  # proved nothing: the preflight checks
     info["torchvision"] = torch.get("torchvision")
+    info["gloo"] = torch.get("gloo")   # None: not known (no torch, or its import timed out)
     info["cuda"] = bool(torch.get("cuda"))
     info["cuda_device"] = torch.get("cuda_device")
     info["cuda_memory_bytes"] = torch.get("cuda_memory_bytes")

@@ -50,6 +50,7 @@ class DeviceInfo(BaseModel):
     torch: str | None = None
     torch_timed_out: bool = False              # `import torch` was too slow to tell
     torchvision: str | None = None
+    gloo: bool | None = None                   # torch.distributed with gloo (some Jetson wheels lack it)
     cuda: bool = False
     cuda_device: str | None = None
     cuda_memory_bytes: int | None = None

@@ -191,6 +191,19 @@ def test_launcher_torchrun_keeps_the_old_way_and_needs_its_own_plan(planned, tmp
     assert "[dsparse launcher]" not in log and json.loads(proc.stdout)["state"] == "finished"
 
 
+def test_preflight_names_every_problem_in_one_table_and_starts_nothing(planned, tmp_path):
+    d = fresh_copy(planned, tmp_path)
+    text = (d / "cluster.yaml").read_text()
+    (d / "cluster.yaml").write_text(text.replace("{name: b, local: true,", "{name: b, local: true, iface: nosuch0,"))
+    proc = run_cli("train", "--dataset", "digits", "--max-steps", "2", cwd=d)
+    assert proc.returncode == 1
+    assert one_line_error(proc) == ("error: board b has no interface nosuch0 with an IPv4 address (No such device) "
+                                    "(fix iface: in cluster.yaml); nothing was started")
+    table = proc.stdout
+    assert "preflight" in table and "nosuch0: absent" in table and "lo -> 127.0.0.1" in table   # a passed, b not
+    assert not (d / ".dsparse" / "jobs").exists() or not list((d / ".dsparse" / "jobs").glob("*.json"))
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
