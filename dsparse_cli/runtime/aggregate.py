@@ -20,8 +20,9 @@ cannot deadlock.
 Bytes are accounted with a simple, documented model (what this rank puts on / takes off its link):
 * all_reduce of B bytes over n ranks (ring): sent = received = 2(n-1)/n * B;
 * compressed all_gather of a P-byte padded payload: sent = received = (n-1) * P;
-* broadcast of B bytes: the root sends B per receiver, each receiver receives B (logical
-  one-to-all; a tree spreads the sending over receivers but moves the same total).
+* broadcast of B bytes (a pipelined chain, `chain.py`: root, then the receivers in rank order):
+  every rank but the last sends B, every receiver receives B; the root's link carries B once,
+  not once per receiver.
 `dense` bytes are what uncompressed float32 all_reduces would have sent under the same model.
 Per-step figures are totals over the steps so far, so they include the full syncs made before
 each evaluation; the worker's 4-byte stop-agreement all_reduce is control traffic, not counted.
@@ -39,6 +40,7 @@ from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from dsparse_cli.contract import JobSpec
+from dsparse_cli.runtime.chain import chain_broadcast, chain_bytes, chain_order
 from dsparse_cli.runtime.compress import Compressor, make_compressor
 from dsparse_cli.runtime.models import UnitSpec, unit_buffers, unit_params
 
@@ -87,7 +89,7 @@ def broadcast_module(model: nn.Module, src: int = 0) -> None:
     tensors = [p.data for p in model.parameters()] + list(model.buffers())
     for bucket in _by_dtype(tensors):
         flat = _flatten_dense_tensors(bucket)
-        dist.broadcast(flat, src=src)
+        chain_broadcast(flat, chain_order(list(range(dist.get_world_size())), src), dist.get_rank())
         for t, v in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
             t.copy_(v)
 
@@ -182,15 +184,13 @@ class GroupedAggregator:
             _sync(self.device)
             t0 = time.perf_counter()
             flat = _flatten_dense_tensors(bucket)
-            dist.broadcast(flat, src=g.root, group=g.pg)
+            order = chain_order(g.ranks, g.root)
+            chain_broadcast(flat, order, self.rank, group=g.pg)
             if self.rank != g.root:
                 for t, v in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
                     t.copy_(v)
             _sync(self.device)
-            nbytes = flat.numel() * flat.element_size()
-            receivers = g.size - 1
-            sent = nbytes * receivers if self.rank == g.root else 0
-            recv = 0 if self.rank == g.root else nbytes
+            sent, recv = chain_bytes(order, self.rank, flat.numel() * flat.element_size())
             self._count(1000 * (time.perf_counter() - t0), sent, recv, sent)
 
     # --- accounting ------------------------------------------------------------------------

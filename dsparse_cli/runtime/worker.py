@@ -56,8 +56,7 @@ class Trainer:
         self.on_step = None  # tests: called as on_step(trainer) after every step
         self.plan_hash, self.epoch, self.step_in_epoch, self.global_step = ckpt.plan_hash(plan), 0, 0, 0
         self.history: list[dict] = []
-        self.accuracy = None
-        self.resumed_from = None
+        self.accuracy = self.resumed_from = None
         self.train_time = 0.0
         self._last_loss: float | None = None
 
@@ -173,8 +172,8 @@ class Trainer:
             self._train_epoch()
             if self.step_in_epoch >= self.spe or self.global_step >= self.total_steps:
                 self._end_epoch()
+        summary = self.summary(time.time() - t_start)   # the hand-back's one-time sync is no per-step traffic
         self._hand_back_model()
-        summary = self.summary(time.time() - t_start)
         write_json_atomic(os.path.join(self.workdir, "summary.json"), summary)
         self.stop.done.set()
         self.beat(WorkerState.FINISHED, force=True)
@@ -266,9 +265,9 @@ class Trainer:
         return float(counts[0]) / max(1, int(counts[1]))
 
     def _hand_back_model(self) -> None:
-        """The synchronised model as model.pt + model.json in rank 0's run dir (every rank joins
-        the final sync; only rank 0 writes)."""
-        self.agg.sync_all()
+        """The trained model as model.pt + model.json in rank 0's run dir. Every rank joins a last
+        weight sync, so rank 0 holds the latest of units it only runs forward; only rank 0 writes."""
+        self.agg.sync_weights()
         if self.rank != 0:
             return
         d, plan = self.data, self.plan

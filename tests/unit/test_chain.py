@@ -1,0 +1,62 @@
+"""The chain broadcast (runtime/chain.py) against `dist.broadcast`, bit for bit, on real gloo
+process groups (3-5 ranks on loopback), for odd sizes, several dtypes and chunk sizes, the whole
+world and a subgroup, any root."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dsparse_cli.runtime.chain import chain_broadcast, chain_bytes, chain_order
+
+from _runtime_helpers import run_ranks
+
+SIZES = (1, 7, 4099, 300_001)                 # odd, and larger than a chunk
+DTYPES = (torch.float32, torch.float16, torch.int64)
+CHUNKS = (4, 1000, 64 * 1024, 8 << 20)        # a chunk smaller than one element, odd, typical, all of it
+
+
+def _payload(size: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if dtype.is_floating_point:   # every bit pattern matters: include -0.0, subnormals, inf, nan
+        x = torch.randn(size, generator=g).to(dtype)
+        specials = torch.tensor([-0.0, float("inf"), float("nan"), 1e-40], dtype=torch.float32).to(dtype)
+        x[: min(size, 4)] = specials[: min(size, 4)]
+        return x
+    return torch.randint(-2**62, 2**62, (size,), generator=g, dtype=dtype)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def _compare(rank, world, ranks, root):
+    group = dist.new_group(ranks=ranks) if ranks != list(range(world)) else None
+    if rank not in ranks:
+        return
+    order = chain_order(ranks, root)
+    for size in SIZES:
+        for dtype in DTYPES:
+            for chunk in CHUNKS:
+                if size * dtype.itemsize // chunk > 5000:
+                    continue   # tens of thousands of 4-byte messages: slow, and nothing new
+                mine = _payload(size, dtype, seed=rank * 1000 + size)      # every rank starts different
+                expected = mine.clone()
+                dist.broadcast(expected, src=root, group=group)
+                chain_broadcast(mine, order, rank, group=group, chunk_bytes=chunk)
+                assert _same_bits(mine, expected), (rank, size, dtype, chunk)
+
+
+@pytest.mark.parametrize("world,ranks,root", [(3, [0, 1, 2], 0), (4, [0, 1, 2, 3], 2), (5, [0, 1, 2, 3, 4], 4),
+                                              (5, [1, 2, 4], 2)])
+def test_chain_broadcast_equals_dist_broadcast_bit_for_bit(world, ranks, root):
+    run_ranks(_compare, world, ranks, root)
+
+
+def test_the_roots_link_carries_the_payload_once():
+    order = chain_order([0, 3, 1, 2], root=3)
+    assert order == [3, 0, 1, 2]
+    moved = {r: chain_bytes(order, r, 100) for r in order}
+    assert moved == {3: (100, 0), 0: (100, 100), 1: (100, 100), 2: (0, 100)}
+    assert chain_bytes([0, 1], 0, 100) == (100, 0)   # one receiver: the plain broadcast
