@@ -219,7 +219,7 @@ def test_bad_models_and_weights_are_refused(planned, tmp_path):
     cases = [
         (("plan", "--model", "broken.py:make", *TINY[2:]), "line 2"),
         (("plan", "--model", "fine.py:build", *TINY[2:]), "build"),
-        (("train", "--weights", str(other)), "other.pt"),
+        (("train", "--weights", str(other)), "other.pt: weights do not fit tiny_cnn: features.0.0.weight is missing"),
         (("train", "--weights", "DEFAULT"), "no torchvision weights"),
         (("train", "--weights", str(tmp_path / "absent.pt")), "not found"),
     ]
