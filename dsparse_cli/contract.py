@@ -81,6 +81,11 @@ class JobStatus(_State):
     FAILED = "failed"
 
 
+# A heartbeat older than this on a live process is stuck (e.g. a hung collective): `status` and
+# the follower call the board stale.
+STALE_AFTER_S = 60.0
+
+
 def check_transition(table: dict, old: str, new: str) -> None:
     """ContractError unless `old -> new` is written down in `table` (staying put is allowed)."""
     kind = type(next(iter(table)))

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 
 from dsparse_cli.cli.app import app, done, options, print_json
-from dsparse_cli.contract import BoardStatus, JobStatus
+from dsparse_cli.contract import STALE_AFTER_S, BoardStatus, JobStatus
 from dsparse_cli.errors import EXIT_BOARD_FAILED, EXIT_OK, ConfigError
 
 if TYPE_CHECKING:  # rich, render and the inventory load when a command runs: --help stays quick
@@ -81,7 +81,7 @@ def status(
     watch: bool = typer.Option(False, "--watch", "-w", help="Refresh until the job ends (Ctrl-C to leave)."),
     interval: float = typer.Option(2.0, "--interval", min=0.1, metavar="<seconds>",
                                    help="Seconds between refreshes with --watch."),
-    stale_after: float = typer.Option(60.0, "--stale-after", min=1.0, metavar="<seconds>",
+    stale_after: float = typer.Option(STALE_AFTER_S, "--stale-after", min=1.0, metavar="<seconds>",
                                       help="Heartbeat age that counts as stale."),
 ) -> None:
     """Each board's state, progress, memory and traffic. Exit 0 while the job is healthy or finished,

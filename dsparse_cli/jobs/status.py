@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from dsparse_cli.contract import BoardStatus, ContractError, HeartbeatDoc, JobState, JobStatus, WorkerState
+from dsparse_cli.contract import (STALE_AFTER_S, BoardStatus, ContractError, HeartbeatDoc, JobState, JobStatus,
+                                  WorkerState)
 from dsparse_cli.jobs.boardio import BoardState
 from dsparse_cli.jobs.records import BoardRun, JobRecord, load
-
-STALE_AFTER_S = 60.0   # a heartbeat older than this on a live process: stuck (e.g. a hung collective)
 
 BOARD_KEYS = ("epoch", "step", "loss", "accuracy", "samples_per_s", "peak_memory_bytes",
               "agg_ms_per_step", "bytes_per_step")
