@@ -10,6 +10,7 @@ one before is kept as `previous.pt`, so the ranks can agree on a step they all h
 from __future__ import annotations
 
 import os
+import shutil
 
 import torch
 
@@ -63,6 +64,11 @@ def save_checkpoint(path: str, state: dict) -> None:
         if os.path.exists(path):
             os.replace(path, previous_path(path))
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:   # torch reports a full disk as a RuntimeError
+        free = shutil.disk_usage(d).free
+        raise CheckpointError(f"could not write checkpoint {path} ({free >> 20} MiB free there: "
+                              f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]}); "
+                              "the previous checkpoint is intact") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

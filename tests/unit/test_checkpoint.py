@@ -81,3 +81,25 @@ def test_plan_hash_matches_the_launcher():
     plan = {"model": "tiny_cnn", "devices": [{"name": "b0", "units": [0, 1]}], "b": [1, 2]}
     assert ckpt.plan_hash(plan) == plan_hash(plan)
     assert ckpt.plan_hash(plan) != ckpt.plan_hash({**plan, "b": [2, 1]})
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path):
+    """A real full filesystem (a 2 MiB tmpfs, root), not a mock: the save fails, latest.pt is the
+    previous step's, readable, and no temporary file is left taking the space."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.fail("this test mounts a tmpfs: run it as root (CI does)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], check=True)
+    try:
+        path = ckpt.checkpoint_path(str(disk))
+        ckpt.save_checkpoint(path, {"step": 1, "w": torch.ones(1000)})
+        with pytest.raises(ckpt.CheckpointError, match="MiB free there.*the previous checkpoint is intact"):
+            ckpt.save_checkpoint(path, {"step": 2, "w": torch.ones(1_000_000)})   # 4 MB on a 2 MiB disk
+        kept = torch.load(path, weights_only=True)
+        assert kept["step"] == 1 and torch.equal(kept["w"], torch.ones(1000))
+        assert sorted(p.name for p in (disk / "checkpoints").iterdir()) == ["latest.pt"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
