@@ -27,6 +27,7 @@ class BoardState:
     log_size: int
     new_log: str
     worker_alive: bool | None = None   # the worker (pid from its heartbeat); None when unknown
+    worker_stopped: bool = False       # it exists but is stopped (SIGSTOP): hung, not working
 
     @property
     def heartbeat_age_s(self) -> float | None:
@@ -60,12 +61,12 @@ def parse_state(out: str) -> BoardState:
     except ValueError:  # a torn read cannot happen (atomic replace), but a bad file can
         heartbeat = None
     return BoardState(heartbeat, float(now.strip() or 0), _alive(agent), int(size.strip() or 0),
-                      _SEP.join(parts[5:]), _alive(worker))
+                      _SEP.join(parts[5:]), _alive(worker), worker.strip() == "stopped")
 
 
 def _alive(text: str) -> bool | None:
     text = text.strip()
-    return None if text == "none" else text == "alive"
+    return None if text == "none" else text in ("alive", "stopped")
 
 
 def read_state(transport: Transport, run: BoardRun, log_offset: int = 0, timeout: float = 20.0) -> BoardState:

@@ -33,6 +33,8 @@ def classify(state: BoardState | None, error: str | None,
         return BoardStatus.FAILED, "worker process died without reporting (killed or crashed; see `dsparse logs`)"
     if state.alive is False:
         return BoardStatus.FAILED, "the launcher exited without the worker reporting (see `dsparse logs`)"
+    if state.worker_stopped:
+        return BoardStatus.STALE, "worker process is stopped (SIGSTOP or a debugger): it cannot take part"
     age = state.heartbeat_age_s
     if age is not None and age > stale_after_s:
         return BoardStatus.STALE, f"no heartbeat for {age:.0f}s"

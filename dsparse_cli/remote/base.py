@@ -117,12 +117,12 @@ class Transport(ABC):
         """Send ``sig`` to the whole process group; a group that is gone is not an error."""
 
     def alive(self, pid: int) -> bool:
-        """True while the process exists and is not a zombie (one shell check for all)."""
+        """True while the process exists and is not a zombie, stopped or not (one shell check for all)."""
         r = self.run(alive_check(pid), timeout=OP_TIMEOUT)
-        if r.stdout.strip() not in ("alive", "dead"):
+        if r.stdout.strip() not in ("alive", "stopped", "dead"):
             raise RemoteError(f"{self.target.name}: cannot check process {pid}: "
                               f"{(r.stderr or r.stdout).strip()}")
-        return r.stdout.strip() == "alive"
+        return r.stdout.strip() != "dead"   # a stopped process still holds what it holds
 
     @abstractmethod
     def close(self) -> None:

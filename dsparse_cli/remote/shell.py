@@ -49,14 +49,17 @@ def sh_wrap(cmd: str, timeout: float | None = None) -> str:
 
 
 def alive_check(pid: int) -> str:
-    """Shell that prints ``alive`` while ``pid`` runs and is not a zombie, else ``dead``."""
+    """Shell that prints ``alive`` while ``pid`` runs and is not a zombie, ``stopped`` while it
+    exists but is stopped (SIGSTOP, a debugger: it cannot take part in a job), else ``dead``."""
     p = int(pid)
     if p <= 0:  # kill -0 0 / -1 would test our own group / every process
         return "echo dead"
     # kill -0 also succeeds for zombies (unreaped, e.g. when PID 1 does not reap): the State
-    # line tells them apart (Z zombie, X dead). Without /proc, kill -0 alone decides.
-    return (f"if kill -0 {p} 2>/dev/null && ! grep -q '^State:[[:space:]]*[ZX]' "
-            f"/proc/{p}/status 2>/dev/null; then echo alive; else echo dead; fi")
+    # line tells them apart (Z zombie, X dead; T/t stopped). Without /proc, kill -0 alone decides.
+    state = f"/proc/{p}/status"
+    return (f"if kill -0 {p} 2>/dev/null && ! grep -q '^State:[[:space:]]*[ZX]' {state} 2>/dev/null; then "
+            f"if grep -q '^State:[[:space:]]*[Tt]' {state} 2>/dev/null; then echo stopped; else echo alive; fi; "
+            "else echo dead; fi")
 
 
 def put_script(remote_path: str, mode: int) -> str:

@@ -225,7 +225,9 @@ def _heartbeat(job: dict, name: str) -> dict | None:
         return None
 
 
-def test_killed_worker_stops_job_then_resume_finishes(planned, tmp_path):
+@pytest.mark.parametrize("sig,named", [(signal.SIGKILL, "board b failed"),
+                                       (signal.SIGSTOP, "board b failed: worker process is stopped")])
+def test_killed_or_hung_worker_stops_job_then_resume_finishes(planned, tmp_path, sig, named):
     d = fresh_copy(planned, tmp_path)
     args = ("--dataset", "synthetic", "--epochs", "3", "--checkpoint-every", "2", "--collective-timeout", "60")
     env = {**os.environ, "COLUMNS": "200"}
@@ -241,7 +243,7 @@ def test_killed_worker_stops_job_then_resume_finishes(planned, tmp_path):
                 if hb and (hb.get("global_step") or 0) >= 3:
                     victim = hb["pid"]
         assert victim, "the job never got to step 3"
-        os.kill(victim, signal.SIGKILL)
+        os.kill(victim, sig)
         killed_at = time.monotonic()
         out, err = train.communicate(timeout=120)
         reported_after = time.monotonic() - killed_at
@@ -250,7 +252,7 @@ def test_killed_worker_stops_job_then_resume_finishes(planned, tmp_path):
             train.kill()
     assert train.returncode == 1, err[-3000:]
     assert reported_after < 30, f"failure reported after {reported_after:.1f}s"
-    assert "board b failed" in err
+    assert named in err
     job = _job(d)
     assert job["state"] == "failed" and job["failed_board"] == "b"
     pids = [p for b in job["boards"] for p in (b["pid"], b.get("worker_pid")) if p]

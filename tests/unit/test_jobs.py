@@ -65,6 +65,32 @@ def test_read_state_of_live_then_dead_process(tmp_path):
     assert state == "failed" and "without the worker reporting" in err
 
 
+def test_a_stopped_worker_is_named_at_once_not_after_the_stale_timeout(tmp_path):
+    """SIGSTOP (a hung worker): alive to kill -0 and to stop's process check, but stale at the
+    first poll, with a fresh heartbeat and long before STALE_AFTER_S."""
+    import signal
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "status.json").write_text(json.dumps({"state": "running", "time": time.time()}))
+    launcher = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    worker = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    run = BoardRun("here", 0, True, str(run_dir), launcher.pid, launcher.pid, worker_pid=worker.pid)
+    transport = LocalTransport(local_target(tmp_path))
+    try:
+        os.kill(worker.pid, signal.SIGSTOP)
+        st = read_state(transport, run)
+        assert st.worker_alive is True and st.worker_stopped and transport.alive(worker.pid) is True
+        state, err = classify(st, None)
+        assert state == "stale" and "stopped (SIGSTOP" in err
+        os.kill(worker.pid, signal.SIGCONT)
+        assert not read_state(transport, run).worker_stopped
+    finally:
+        for p in (launcher, worker):
+            os.killpg(p.pid, 9)
+            p.wait()
+
+
 def test_dead_worker_is_failed_even_when_agent_lives(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
