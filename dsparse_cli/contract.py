@@ -321,6 +321,10 @@ class JobSpec:
         return asdict(self)
 
 
+# The trained model a finished job hands back, in rank 0's run dir and .dsparse/jobs/<id>/.
+MODEL_FILE, MODEL_SIDECAR = "model.pt", "model.json"
+
+
 # --- the heartbeat -----------------------------------------------------------------------------
 @dataclass
 class HeartbeatDoc:

@@ -122,3 +122,9 @@ def torchvision_names() -> set[str] | None:
 def _is_register(decorator: ast.expr) -> bool:
     target = decorator.func if isinstance(decorator, ast.Call) else decorator
     return getattr(target, "id", getattr(target, "attr", None)) == "register_model"
+
+
+def names_a_weights_file(source: str) -> bool:
+    """`--weights` names a file when one exists there or when it is no identifier; torchvision
+    weights names are identifiers (DEFAULT, IMAGENET1K_V1)."""
+    return os.path.exists(os.path.expanduser(source)) or not source.replace("_", "a").isalnum()

@@ -25,7 +25,8 @@ def export(
     from pathlib import Path
 
     from dsparse_cli.console import success
-    from dsparse_cli.jobs.model_back import SIDECAR, local_model
+    from dsparse_cli.contract import MODEL_SIDECAR as SIDECAR
+    from dsparse_cli.jobs.model_back import local_model
     from dsparse_cli.jobs.reach import open_job
 
     if format not in FORMATS:

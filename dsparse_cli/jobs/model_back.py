@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+from dsparse_cli.contract import MODEL_FILE, MODEL_SIDECAR as SIDECAR
 from dsparse_cli.errors import ConfigError, RemoteError
 from dsparse_cli.inventory import Inventory
 from dsparse_cli.jobs import records
@@ -14,7 +15,6 @@ from dsparse_cli.jobs.records import JobRecord
 from dsparse_cli.remote import connect
 from dsparse_cli.remote.base import Transport
 
-MODEL_FILE, SIDECAR = "model.pt", "model.json"   # runtime/model_out.py writes them (it imports torch)
 
 
 def model_dir(state_dir: Path, job_id: str) -> Path:

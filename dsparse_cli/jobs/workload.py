@@ -45,17 +45,15 @@ def _model_file(plan: Plan, work: Workload) -> None:
         work.files.append((path, path.name))
 
 
-def looks_like_a_path(value: str) -> bool:
-    return "/" in value or value.endswith((".pt", ".pth", ".bin")) or Path(value).expanduser().exists()
-
-
 def _weights(plan: Plan, work: Workload) -> None:
     """A weights file is shipped (the job names it by its base name); a torchvision weights name
     must be one the model has."""
     weights = work.spec.weights
     if not weights:
         return
-    if looks_like_a_path(weights):
+    from dsparse_cli.modelspec import names_a_weights_file
+
+    if names_a_weights_file(weights):
         path = Path(weights).expanduser()
         if not path.is_file():
             raise ConfigError(f"weights file {weights} not found", "pass a state_dict, checkpoint or model.pt file")

@@ -16,8 +16,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from dsparse_cli.contract import MODEL_FILE, MODEL_SIDECAR as SIDECAR
+
 MODEL_FORMAT = "dsparse-model"
-MODEL_FILE, SIDECAR = "model.pt", "model.json"
 
 
 def model_meta(*, spec: str, num_classes: int, image_size: int, classes: Sequence[str] | None,

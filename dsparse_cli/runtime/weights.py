@@ -25,9 +25,10 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from dsparse_cli.modelspec import names_a_weights_file
+from dsparse_cli.runtime.model_out import MODEL_FORMAT
 from dsparse_cli.runtime.models import UnitSpec, is_torchvision_model
 
-MODEL_FORMAT = "dsparse-model"   # model_out.MODEL_FORMAT (not imported: torch-free readers share it)
 
 
 class WeightsError(Exception):
@@ -40,7 +41,7 @@ def load_weights(model: nn.Module, units: list[UnitSpec], source: str, *, spec: 
     path = _find_file(source, search_dirs)
     if path is not None:
         state, what = _read_file(path), f"weights file {os.path.basename(path)}"
-    elif _looks_like_a_file(source):
+    elif names_a_weights_file(source):
         where = f" (nor in {', '.join(search_dirs)})" if search_dirs else ""
         raise WeightsError(f"weights file {source} not found{where}")
     else:
@@ -59,11 +60,6 @@ def check_weights_name(spec: str, name: str) -> None:
 
 
 # --- files -----------------------------------------------------------------------------------
-def _looks_like_a_file(source: str) -> bool:
-    """Torchvision weights names are identifiers (IMAGENET1K_V1); anything else names a file."""
-    return not source.replace("_", "a").isalnum()
-
-
 def _find_file(source: str, search_dirs: Sequence[str]) -> str | None:
     for path in [os.path.expanduser(source)] + [os.path.join(d, os.path.basename(source)) for d in search_dirs]:
         if os.path.isfile(path):
