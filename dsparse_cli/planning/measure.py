@@ -248,6 +248,7 @@ def measure_profile(model_name: str, *, num_classes: int = 10, image_size: int =
         model=model_name, num_classes=num_classes, image_size=image_size, batch_size=batch_size, dtype=dtype,
         optimizer=optimizer, torch=torch.__version__, device="cpu", base_bytes=max(0, base),
         import_bytes=import_bytes, batch_bytes=full["batch_bytes"], launcher_bytes=measure_launcher_bytes(),
+        supervisor_bytes=measure_launcher_bytes("dsparse"),
         step_peak_bytes=full["peaks"].get(("opt",), 0), units=costs)
     prof.checks = {
         "all_updated": {"measured_growth": full["growth"], "replayed_growth":

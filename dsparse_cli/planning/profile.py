@@ -78,7 +78,7 @@ from typing import Iterable
 
 from dsparse_cli.errors import ConfigError
 
-PROFILE_FORMAT = 2   # 2: launcher_bytes
+PROFILE_FORMAT = 3   # 2: launcher_bytes; 3: supervisor_bytes
 # glibc: serve every block >= 64 KiB by mmap and give freed memory back, so RSS follows live tensors.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4096", "MALLOC_TRIM_THRESHOLD_": "131072"}
 DTYPES = ("float32", "float64", "bfloat16")
@@ -120,6 +120,7 @@ class Profile:
     units: list[UnitCost]
     checks: dict = field(default_factory=dict)   # measured vs replayed, per profiled configuration
     launcher_bytes: int = 0              # private memory of torchrun's agent (it runs next to the worker)
+    supervisor_bytes: int = 0            # the same of dsparse's launcher (runtime/supervise.py)
     format: int = PROFILE_FORMAT
 
     # --- the cost-model interface the planner uses -------------------------------------------
@@ -328,9 +329,11 @@ def get_profile(state_dir: str | Path, model: str, *, num_classes: int = 10, ima
 
 
 def launcher_bytes(profile: Profile, launcher: str) -> int:
-    """What the board's launcher keeps next to the worker: torchrun's agent was measured with the
-    profile (it imports torch); dsparse's supervisor is measured now (a fraction of a second)."""
-    return profile.launcher_bytes if launcher == "torchrun" else measure_launcher_bytes(launcher)
+    """What the board's launcher keeps next to the worker, as measured with the (cached) profile,
+    so the same inputs give the same plan byte for byte (a fresh measurement moves by a few KiB)."""
+    if launcher == "torchrun":
+        return profile.launcher_bytes
+    return profile.supervisor_bytes or measure_launcher_bytes(launcher)   # 0: a profile made by hand
 
 
 def measure_launcher_bytes(kind: str = "torchrun") -> int:

@@ -65,6 +65,7 @@ def test_second_request_is_served_from_the_cache(profile, state_dir):
 def test_verify_measures_each_device_close_to_prediction(profile, state_dir):
     agent = profile.launcher_bytes   # counted in every budget next to the worker's peak
     assert 20 * (1 << 20) < agent < 2 * (1 << 30), agent   # measured: torch's import, not a constant
+    assert 0 < profile.supervisor_bytes < agent / 4        # dsparse's launcher: the standard library only
     full = profile.peak_bytes(range(4)) + agent
     boards = [("big", {"usable_memory_bytes": int(full / 0.85) + (1 << 20)}),
               ("small", {"usable_memory_bytes": int((profile.peak_bytes([2, 3]) + agent) / 0.85) + 4096})]
