@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from dsparse_cli import modelspec
 from dsparse_cli.contract import MODEL_FILE, MODEL_SIDECAR as SIDECAR
 
 MODEL_FORMAT = "dsparse-model"
@@ -26,9 +27,9 @@ def model_meta(*, spec: str, num_classes: int, image_size: int, classes: Sequenc
                job: str, dataset: str, steps: int, weights: str | None) -> dict:
     """What a user of the model needs besides its weights. `mean`/`std` are None for datasets
     that standardise themselves (digits, synthetic): feed those the way the dataset does."""
-    model_file = spec.rsplit(":", 1)[0] if spec.rsplit(":", 1)[0].endswith(".py") else None
+    kind, location, _ = modelspec.parse(spec)
     return {"format": MODEL_FORMAT, "version": 1, "model": spec,
-            "model_file": os.path.basename(model_file) if model_file else None,
+            "model_file": os.path.basename(location) if kind == modelspec.FILE else None,
             "num_classes": num_classes, "image_size": image_size,
             "classes": list(classes) if classes else [str(i) for i in range(num_classes)],
             "normalize": {"mean": list(mean), "std": list(std)} if mean is not None and std is not None else None,
