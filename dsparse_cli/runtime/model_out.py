@@ -16,8 +16,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from dsparse_cli import modelspec
 from dsparse_cli.contract import MODEL_FILE, MODEL_SIDECAR as SIDECAR
+from dsparse_cli.modelspec import FILE, parse
 
 MODEL_FORMAT = "dsparse-model"
 
@@ -27,9 +27,9 @@ def model_meta(*, spec: str, num_classes: int, image_size: int, classes: Sequenc
                job: str, dataset: str, steps: int, weights: str | None) -> dict:
     """What a user of the model needs besides its weights. `mean`/`std` are None for datasets
     that standardise themselves (digits, synthetic): feed those the way the dataset does."""
-    kind, location, _ = modelspec.parse(spec)
+    kind, location, _ = parse(spec)
     return {"format": MODEL_FORMAT, "version": 1, "model": spec,
-            "model_file": os.path.basename(location) if kind == modelspec.FILE else None,
+            "model_file": os.path.basename(location) if kind == FILE else None,
             "num_classes": num_classes, "image_size": image_size,
             "classes": list(classes) if classes else [str(i) for i in range(num_classes)],
             "normalize": {"mean": list(mean), "std": list(std)} if mean is not None and std is not None else None,
