@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from dsparse_cli.errors import ConfigError
-from dsparse_cli.sizes import parse_size
+from dsparse_cli.sizes import parse_rate, parse_size
 
 DEFAULT_PYTHON = "python3"
 DEFAULT_WORKDIR = "~/.dsparse-work"
@@ -51,6 +51,8 @@ class Target:
     error: str | None = None    # why this board cannot be used as written; raised by check()
     data_dir: str | None = None  # where this board keeps its dataset files (`dsparse data push`)
     training_memory: int | None = None   # simulated boards: budget = measured base + launcher + this
+    link: float | None = None   # the board's link rate to the others, bytes/s (`link: 100mbit`)
+    threads: int | None = None  # torch threads of its worker (default: the CPUs it may really use)
 
     def check(self) -> Target:
         """This target, or the ConfigError its cluster.yaml entry holds for whoever contacts it."""
@@ -203,6 +205,7 @@ def _launcher(value) -> str:
     return value
 
 _kind = _rule(lambda v: v in KINDS, "one of " + ", ".join(KINDS))
+_threads = _rule(lambda v: _number(v) and v >= 1 and v == int(v), "a whole number of at least 1", int)
 _as_is = _rule(lambda v: True, "anything")   # defaults, master, boards: _check looks inside
 
 
@@ -214,7 +217,7 @@ def _board_name(value) -> str:
 
 
 _REACH = {"user": _text, "port": _port, "identity_file": _text, "python": _text, "workdir": _text,
-          "data_dir": _text}
+          "data_dir": _text, "link": parse_rate, "threads": _threads}
 _KEYS = {  # section -> key -> rule (a rule returns the value to use, or raises ValueError saying why not)
     "cluster": {"name": _text, "defaults": _as_is, "master": _as_is, "boards": _as_is, "launcher": _launcher},
     "defaults": {**_REACH, "known_hosts": _text},
@@ -314,7 +317,7 @@ def _resolve(b: dict, line: int, d: dict, lookup, path: Path) -> Target:
         workdir = Path(b["workdir"]).expanduser() if "workdir" in b else path.resolve().parent / ".dsparse" / "boards" / name
         return Target(name, "127.0.0.1", 22, None, [], None, b.get("python") or sys.executable, str(workdir),
                       True, limit, iface, kind, data_dir=b.get("data_dir") or d.get("data_dir"),
-                      training_memory=b.get("training_memory"))
+                      training_memory=b.get("training_memory"), **_shared(b, d))
     ssh = lookup(b["host"])
     identity = b.get("identity_file") or (ssh.get("identityfile") or [None])[0] or d.get("identity_file")
     identity = str(_relative_to(path, identity)) if identity else None
@@ -327,7 +330,12 @@ def _resolve(b: dict, line: int, d: dict, lookup, path: Path) -> Target:
                   b.get("user") or ssh.get("user") or d.get("user"), [identity] if identity else [],
                   ssh.get("proxycommand"), b.get("python") or d.get("python") or DEFAULT_PYTHON,
                   b.get("workdir") or d.get("workdir") or DEFAULT_WORKDIR, False, limit, iface, kind, known_hosts, error,
-                  b.get("data_dir") or d.get("data_dir"))
+                  b.get("data_dir") or d.get("data_dir"), **_shared(b, d))
+
+
+def _shared(b: dict, d: dict) -> dict:
+    """Keys a board takes from `defaults` when it does not set them, local or not."""
+    return {key: b.get(key, d.get(key)) for key in ("link", "threads")}
 
 
 def _relative_to(inventory: Path, value: str) -> Path:

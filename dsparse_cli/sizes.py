@@ -1,4 +1,5 @@
-"""Memory sizes as people write them ('2GiB', '512M') and as every message and table shows them."""
+"""Memory sizes ('2GiB') and link rates ('100mbit') as people write them and as every message and
+table shows them."""
 
 from __future__ import annotations
 
@@ -34,6 +35,33 @@ def _suggest(n: float) -> str:
     if n < 64:
         return f"{n:g}GiB"
     return f"{n:g}MiB or {n / 1024:g}GiB" if n % 1024 == 0 else f"{n:g}MiB"
+
+
+_RATES = {"bit": 1 / 8, "kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8,   # tc's names: decimal bits
+          "kbps": 1e3 / 8, "mbps": 1e6 / 8, "gbps": 1e9 / 8, "kb/s": 1e3, "mb/s": 1e6, "gb/s": 1e9,
+          "kib/s": 1024, "mib/s": 1024**2, "gib/s": 1024**3}
+
+
+def parse_rate(value) -> float:
+    """'100mbit', '1gbit', '54Mbps', '12.5MB/s' -> bytes per second (a link's rate, one way)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z/]+)\s*", str(value))
+    unit = m.group(2).lower() if m and not isinstance(value, bool) else None
+    if unit not in _RATES:
+        raise ValueError(f"{value} is not a link rate (write a number and a unit: kbit, mbit, gbit, or MB/s)")
+    rate = float(m.group(1)) * _RATES[unit]
+    if rate <= 0:
+        raise ValueError(f"{value} is not more than zero (write the link's rate, e.g. 100mbit)")
+    return rate
+
+
+def format_rate(bytes_per_s: float | None) -> str:
+    if bytes_per_s is None:
+        return "-"
+    bits = bytes_per_s * 8
+    for unit, scale in (("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
+        if bits >= scale:
+            return f"{bits / scale:g} {unit}"
+    return f"{bits:g} bit/s"
 
 
 def format_size(n: int | float | None) -> str:

@@ -231,3 +231,19 @@ def test_master_follows_rank_0_when_the_plan_leaves_the_first_board_out(tmp_path
     other_iface = load_inventory(write(tmp_path, "master: {addr: 192.168.7.2}\n" + boards))
     settle_master(other_iface, plan)    # not a board's host: maybe rank 0's other interface
     assert other_iface.master_addr == "192.168.7.2"
+
+
+def test_link_and_threads_per_board_or_from_defaults(tmp_path):
+    inv = load_inventory(write(tmp_path, "defaults: {link: 100mbit, threads: 1}\nboards:\n"
+                               "  - {name: a, host: 10.0.0.1}\n"
+                               "  - {name: b, host: 10.0.0.2, link: 1gbit, threads: 2}\n"
+                               "  - {name: c, local: true, link: 12.5MB/s}\n"))
+    assert [(b.link, b.threads) for b in inv.boards] == [(12.5e6, 1), (125e6, 2), (12.5e6, 1)]
+
+
+def test_bad_link_and_threads_are_one_line_each(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_inventory(write(tmp_path, "boards:\n  - {name: a, host: 10.0.0.1, link: fast, threads: 0}\n"))
+    lines = str(err.value).splitlines()
+    assert len(lines) == 2
+    assert "link fast is not a link rate" in lines[0] and "threads must be a whole number" in lines[1]
