@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from dsparse_cli.contract import BoardStatus
-from dsparse_cli.sizes import format_size
+from dsparse_cli.sizes import format_rate, format_size
 
 # Set by the app's --wide: every table shows all its columns, however wide (print with soft_wrap=True
 # so that lines wider than the terminal are not cropped).
@@ -96,15 +96,18 @@ def plan_view(doc: dict) -> Group:
     names = {u["index"]: u["name"] for u in doc["units"]}
     verify = any("measured_peak_bytes" in d for d in doc["devices"])
     t = FitTable(f"plan: {doc['model']}, batch {doc['batch_size']}, {doc['optimizer']} ({len(doc['units'])} units)",
-                 ("rank", "board", "budget", "predicted peak", "full-update peak", "training saving", "units updated")
+                 ("rank", "board", "budget", "predicted peak", "full-update peak", "training saving", "units updated",
+                  "link", "wire/step")
                  + (("measured training / predicted",) if verify else ()),
                  essential=("rank", "board", "units updated", "budget", "predicted peak"))
     for d in doc["devices"]:
         full_t, pred_t = d.get("full_update_training_bytes"), d.get("predicted_training_bytes")
         units = d["units"]
-        first = f" ({names[units[0]]}..{names[units[-1]]})" if units else ""
+        first = "" if not units else f" ({names[units[0]]})" if len(units) == 1 else \
+            f" ({names[units[0]]}..{names[units[-1]]})"
         row = [str(d["rank"]), d["name"], format_size(d["budget_bytes"]), format_size(d["predicted_peak_bytes"]),
-               format_size(d["full_update_peak_bytes"]), _saving(pred_t, full_t), unit_ranges(units) + first]
+               format_size(d["full_update_peak_bytes"]), _saving(pred_t, full_t), unit_ranges(units) + first,
+               format_rate(d.get("link_bytes_per_s")), _wire(d)]
         if verify:
             m = d.get("measured_training_bytes")
             row.append(f"{format_size(m)} / {format_size(pred_t)} ({100 * (m / pred_t - 1):+.1f}%)" if m and pred_t else "-")
@@ -114,13 +117,25 @@ def plan_view(doc: dict) -> Group:
         who = "torchrun's agent" if doc.get("launcher", "torchrun") == "torchrun" else "dsparse's launcher"
         parts.append(Text(f"peaks are the worker's; each budget also holds {who} "
                           f"({format_size(doc['launcher_bytes'])} of private memory)"))
+    if doc.get("predicted_agg_s_per_step") is not None:
+        parts.append(Text(f"objective {doc.get('objective', 'memory')}: predicted aggregation "
+                          f"{doc['predicted_agg_s_per_step']:.3f} s/step; a full update's ring all-reduce "
+                          f"(what DDP sends) {doc['ddp_agg_s_per_step']:.3f} s/step"))
     g = FitTable("aggregation groups (created in this order on every rank)",
-                 ("group", "op", "ranks", "root", "units", "bytes/step"),
+                 ("group", "op", "ranks", "root", "units", "every", "bytes/step"),
                  essential=("group", "op", "ranks", "units", "bytes/step"))
     for grp in doc["groups"]:
         g.add_row(str(grp.get("id", "")), grp["op"], ",".join(map(str, grp["ranks"])), str(grp.get("root", "")),
-                  unit_ranges(grp["units"]), format_size(grp["bytes_per_step"]))
+                  unit_ranges(grp["units"]), str(grp.get("sync_every", 1)) if grp["op"] == "broadcast" else "1",
+                  format_size(grp["bytes_per_step"]))
     return Group(*parts, g)
+
+
+def _wire(d: dict) -> str:
+    """A board's predicted traffic per step: the busier direction, and its seconds if the link is known."""
+    busier = max(d.get("predicted_sent_bytes_per_step") or 0, d.get("predicted_recv_bytes_per_step") or 0)
+    seconds = d.get("predicted_link_s_per_step")
+    return format_size(busier) + (f", {seconds:.3f} s" if seconds is not None else "")
 
 
 def train_summary(summary: dict) -> FitTable:

@@ -18,6 +18,8 @@ def plan(
     headroom: float = typer.Option(0.15, help="Fraction of usable memory kept free."),
     sync_every: int = typer.Option(1, "--sync-every", help="Broadcast updated weights every N steps."),
     importance: str = typer.Option("depth", help="depth (later layers first) or grad (measured)."),
+    objective: str = typer.Option("memory", help="memory (each board trains as much as fits) or time (least "
+                                  "predicted aggregation time; needs every board's link: in cluster.yaml)."),
     allow_frozen: bool = typer.Option(False, "--allow-frozen", help="Allow units no board trains (fine-tuning)."),
     exclude_small: bool = typer.Option(False, "--exclude-small", help="Leave out boards too small to train."),
     probe_first: bool = typer.Option(False, "--probe", help="Probe the boards first if the cache is missing or old."),
@@ -39,7 +41,8 @@ def plan(
         make.probe_if_needed(inv, options.connect_timeout, accept_new_host_keys, quiet)
     doc = make.make_plan(inv, model=model, batch_size=batch_size, image_size=image_size, num_classes=num_classes,
                          optimizer=optimizer, headroom=headroom, sync_every=sync_every, importance=importance,
-                         allow_frozen=allow_frozen, exclude_small=exclude_small, quiet=quiet)
+                         allow_frozen=allow_frozen, exclude_small=exclude_small, objective=objective,
+                         quiet=quiet)
     if verify:
         make.verify(doc, quiet)
     if push:

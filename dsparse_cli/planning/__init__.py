@@ -24,19 +24,24 @@ def plan_cluster(*, cluster: str, boards: Sequence[tuple[str, Mapping]], state_d
                  model: str = "mobilenet_v2", num_classes: int = 10, image_size: int = 32, batch_size: int = 64,
                  optimizer: str = "sgd-momentum", dtype: str = "float32", headroom: float = DEFAULT_HEADROOM,
                  sync_every: int = 1, importance: str = "depth", allow_frozen: bool = False,
-                 exclude_small: bool = False, refresh_profile: bool = False, launcher: str = "dsparse") -> dict:
+                 exclude_small: bool = False, refresh_profile: bool = False, launcher: str = "dsparse",
+                 objective: str = "memory") -> dict:
     """Profile (cached), rank units, plan every board, and return the plan document (not written;
     call `write_plan(state_dir / "plan.json", doc)`).
 
     `boards`: (name, facts) in inventory order; facts hold `usable_memory_bytes` and/or
     `training_allowance_bytes` (see `board_budget`) and are recorded in the plan's `probe` section
     as given (torch, cuda, source, ...). `launcher`: what starts the worker on each board
-    ("dsparse" or "torchrun"); its memory is in every budget."""
+    ("dsparse" or "torchrun"); its memory is in every budget. `objective`: see `objective.py`;
+    facts' `link_bytes_per_s` are the boards' link rates."""
     from dsparse_cli.planning.importance import importance_order
+    from dsparse_cli.planning.objective import check_objective, plan_for_time
 
     check_plan_options(model=model, num_classes=num_classes, image_size=image_size, batch_size=batch_size,
                        optimizer=optimizer, dtype=dtype, headroom=headroom, sync_every=sync_every,
                        importance=importance)
+    link_of = {name: facts.get("link_bytes_per_s") for name, facts in boards}
+    check_objective(objective, list(link_of.values()), list(link_of))
     prof = get_profile(state_dir, model, num_classes=num_classes, image_size=image_size,
                        batch_size=batch_size, dtype=dtype, optimizer=optimizer, refresh=refresh_profile)
     order = importance_order(importance, prof.num_units, model=model, num_classes=num_classes,
@@ -45,9 +50,14 @@ def plan_cluster(*, cluster: str, boards: Sequence[tuple[str, Mapping]], state_d
     devices = [Device(name, board_budget(facts, headroom, prof.base_bytes + launcher_mem)) for name, facts in boards]
     result = plan_devices(devices, prof, order, allow_frozen=allow_frozen, exclude_small=exclude_small,
                           launcher_bytes=launcher_mem)
+    rates = [link_of[d.name] for d in result.devices]
+    if objective == "time":
+        result = plan_for_time(result, prof, rates, [u.param_bytes for u in prof.units],
+                               [u.buffer_bytes for u in prof.units], sync_every, allow_frozen)
     return build_plan(cluster=cluster, profile=prof, result=result, sync_every=sync_every,
                       probe={name: facts for name, facts in boards}, importance=importance,
-                      headroom=headroom, allow_frozen=allow_frozen, launcher=launcher)
+                      headroom=headroom, allow_frozen=allow_frozen, launcher=launcher, objective=objective,
+                      rates=rates)
 
 
 def board_budget(facts: Mapping, headroom: float, base_and_launcher: int) -> int:

@@ -18,7 +18,7 @@ PROBE_FRESH_S = 24 * 3600
 def make_plan(inv: Inventory, *, model: str = "mobilenet_v2", batch_size: int = 64, image_size: int = 32,
               num_classes: int = 10, optimizer: str = "sgd-momentum", headroom: float = 0.15,
               sync_every: int = 1, importance: str = "depth", allow_frozen: bool = False,
-              exclude_small: bool = False, quiet: bool = False) -> dict:
+              exclude_small: bool = False, objective: str = "memory", quiet: bool = False) -> dict:
     """Profile (cached), plan, write .dsparse/plan.json; return the plan document. `plan_cluster`
     checks every option before anything is measured."""
     from dsparse_cli.planning import plan_cluster, write_plan
@@ -29,7 +29,7 @@ def make_plan(inv: Inventory, *, model: str = "mobilenet_v2", batch_size: int = 
                            state_dir=inv.state_dir, model=model, num_classes=num_classes, image_size=image_size,
                            batch_size=batch_size, optimizer=optimizer, headroom=headroom, sync_every=sync_every,
                            importance=importance, allow_frozen=allow_frozen, exclude_small=exclude_small,
-                           launcher=inv.launcher)
+                           launcher=inv.launcher, objective=objective)
     write_plan(inv.state_dir / "plan.json", doc)
     for e in doc.get("excluded", []):
         warning(f"board {e['name']} is left out of the plan: {e['reason']}")
@@ -61,6 +61,8 @@ def _budget_sources(inv: Inventory) -> dict[str, dict]:
                               "run `dsparse probe` (or `dsparse plan --probe`), or set memory_limit")
         if board.training_memory:
             facts[board.name]["training_allowance_bytes"] = board.training_memory
+        if board.link:
+            facts[board.name]["link_bytes_per_s"] = board.link
     return facts
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 from dsparse_cli.contract import PLAN_VERSION, ContractError, Plan
 from dsparse_cli.errors import ConfigError
 from dsparse_cli.planning.planner import PlanResult
 from dsparse_cli.planning.profile import Profile, breakdown
 from dsparse_cli.planning.schedule import build_groups
+from dsparse_cli.planning.wire import ddp_seconds, loads, step_seconds
 
 DEFAULT_HEADROOM = 0.15
 RERUN = "re-run dsparse plan"
@@ -31,8 +32,15 @@ def budget_bytes(usable_memory_bytes: int, headroom: float = DEFAULT_HEADROOM) -
 
 def build_plan(*, cluster: str, profile: Profile, result: PlanResult, sync_every: int = 1,
                probe: Mapping[str, Mapping] | None = None, importance: str = "depth",
-               headroom: float = DEFAULT_HEADROOM, allow_frozen: bool = False, launcher: str = "dsparse") -> dict:
-    """The plan document (see docs/internals.md) from a profile and the planner's result."""
+               headroom: float = DEFAULT_HEADROOM, allow_frozen: bool = False, launcher: str = "dsparse",
+               objective: str = "memory", rates: Sequence[float | None] | None = None) -> dict:
+    """The plan document (see docs/internals.md) from a profile and the planner's result.
+    `rates[rank]`: each planned board's link (bytes/s, None unknown), for roots and the wire model."""
+    rates = list(rates) if rates else [None] * len(result.devices)
+    groups = build_groups([d.units for d in result.devices], [u.param_bytes for u in profile.units],
+                          [u.buffer_bytes for u in profile.units], sync_every,
+                          rates if None not in rates else None, "wire" if objective == "time" else "fixed")
+    wire = loads(groups, rates)
     units = [{"index": u.index, "name": u.name, "modules": list(u.modules), "param_bytes": u.param_bytes,
               "buffer_bytes": u.buffer_bytes, "grad_bytes": u.grad_bytes, "optimizer_bytes": u.optimizer_bytes}
              for u in profile.units]
@@ -42,9 +50,9 @@ def build_plan(*, cluster: str, profile: Profile, result: PlanResult, sync_every
                 "predicted_breakdown": breakdown(profile, d.units),
                 "full_update_peak_bytes": result.full_update_peak_bytes,
                 "full_update_training_bytes": result.full_update_training_bytes,
+                "link_bytes_per_s": wire[d.rank].rate, "predicted_sent_bytes_per_step": wire[d.rank].sent,
+                "predicted_recv_bytes_per_step": wire[d.rank].recv, "predicted_link_s_per_step": wire[d.rank].seconds,
                 "units": list(d.units)} for d in result.devices]
-    groups = build_groups([d.units for d in result.devices], [u.param_bytes for u in profile.units],
-                          [u.buffer_bytes for u in profile.units], sync_every)
     return {
         "version": PLAN_VERSION, "cluster": cluster, "model": profile.model, "num_classes": profile.num_classes,
         "image_size": profile.image_size, "batch_size": profile.batch_size, "optimizer": profile.optimizer,
@@ -52,7 +60,9 @@ def build_plan(*, cluster: str, profile: Profile, result: PlanResult, sync_every
         "base_bytes": profile.base_bytes, "headroom": headroom, "importance": importance,
         "importance_order": list(result.order), "allow_frozen": allow_frozen,
         "frozen_units": list(result.frozen_units), "min_peak_bytes": result.min_peak_bytes,
-        "launcher": launcher, "launcher_bytes": result.launcher_bytes,
+        "launcher": launcher, "launcher_bytes": result.launcher_bytes, "objective": objective,
+        "predicted_agg_s_per_step": step_seconds(groups, rates),
+        "ddp_agg_s_per_step": ddp_seconds(sum(u.param_bytes for u in profile.units), rates),
         "units": units, "devices": devices, "groups": groups,
         "excluded": [{"name": e.name, "budget_bytes": e.budget_bytes, "needed_bytes": e.needed_bytes,
                       "reason": e.reason} for e in result.excluded],

@@ -15,6 +15,8 @@ import pytest
     (["--model", "resnet99"], "unknown model 'resnet99'"),
     (["--sync-every", "0"], "--sync-every 0 must be at least 1"),
     (["--num-classes", "1"], "--num-classes 1 must be at least 2"),
+    (["--objective", "speed"], "unknown objective 'speed'"),
+    (["--objective", "time"], "--objective time needs every board's link rate; board demo-x86 has none"),
 ])
 def test_a_bad_option_fails_before_torch_or_measuring(args, message, tmp_path):
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "dsparse_cli", "plan", *args], cwd=tmp_path,

@@ -85,7 +85,7 @@ def test_plan_at_80_columns_shows_the_essential_columns_whole():
     assert rows[0] == ["rank", "board", "budget", "predicted peak", "units updated"]
     assert [r[1] for r in rows[1:4]] == ["jetson-orin-lab", "pi-kitchen-01", "pi-garage-02"]
     assert rows[1][4] == "0-2 (u0..u2)" and rows[2][4] == "1-2 (u1..u2)"
-    assert ["group", "op", "ranks", "root", "units", "bytes/step"] in rows   # the groups table fits whole
+    assert ["group", "op", "ranks", "root", "units", "every", "bytes/step"] in rows   # the groups table fits whole
 
 
 def test_follower_and_status_at_80_columns_show_board_state_and_step_whole():
@@ -118,7 +118,7 @@ def test_wide_terminal_shows_every_column():
     assert cells(show(render.board_table("job j", board_rows()), width=200))[0] == BOARD_ALL
     plan = cells(show(render.plan_view(make_doc()), width=200))
     assert plan[0] == ["rank", "board", "budget", "predicted peak", "full-update peak", "training saving",
-                       "units updated"]
+                       "units updated", "link", "wire/step"]
 
 
 def test_render_wide_shows_every_column_at_80(monkeypatch):

@@ -94,3 +94,22 @@ def test_the_cli_defaults_are_the_contracts():
     for method, opts in COMPRESSOR_OPTIONS.items():
         for name, default in opts.items():
             assert shown[name] == default, f"{method} {name}"
+
+
+def test_the_plan_defaults_have_one_value():
+    """`dsparse plan`'s shown defaults are the ones the planning functions fall back to."""
+    import inspect
+
+    import typer.main
+
+    from dsparse_cli.cli import plan  # noqa: F401  (registers the command)
+    from dsparse_cli.cli.app import app
+    from dsparse_cli.planning import build_plan, plan_cluster
+    from dsparse_cli.planning.make import make_plan
+    from dsparse_cli.planning.objective import OBJECTIVES
+    from dsparse_cli.planning.planfile import DEFAULT_HEADROOM
+
+    shown = {p.name: p.default for p in typer.main.get_command(app).commands["plan"].params}
+    assert shown["headroom"] == DEFAULT_HEADROOM
+    for fn in (make_plan, plan_cluster, build_plan):
+        assert inspect.signature(fn).parameters["objective"].default == shown["objective"] == OBJECTIVES[0], fn
