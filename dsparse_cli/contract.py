@@ -177,14 +177,15 @@ class PlanDevice:
 @dataclass
 class PlanGroup:
     """A process group: `allreduce` averages gradients among `ranks`; `broadcast` sends the
-    units' state from `root` to `receivers` every `sync_every` steps."""
+    units' state (`state_bytes`) from `root` along `receivers` in their order (a chain) every
+    `sync_every` steps."""
     op: str
     ranks: list
     units: list
     id: int | None = None
     root: int | None = None
     receivers: list = field(default_factory=list)
-    bytes_per_step: float = 0
+    bytes_per_step: float = 0   # a broadcast group also has `state_bytes` and its own `sync_every`
     extra: dict = field(default_factory=dict)
 
 
@@ -359,6 +360,7 @@ class HeartbeatDoc:
     peak_process_bytes: float | None = None
     global_step: int | None = None
     total_steps: int | None = None
+    threads: int | None = None          # torch's intra-op threads (cluster.yaml `threads:` or effective CPUs)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -372,6 +374,7 @@ class HeartbeatDoc:
         return _emit(self)
 
 
-# Beyond the original contract: whole-process peak, steps done over all epochs and the run's total.
-HEARTBEAT_EXTRA_KEYS = ("peak_process_bytes", "global_step", "total_steps")
+# Beyond the original contract: whole-process peak, steps done over all epochs and the run's total,
+# torch's threads.
+HEARTBEAT_EXTRA_KEYS = ("peak_process_bytes", "global_step", "total_steps", "threads")
 HEARTBEAT_KEYS = tuple(f.name for f in fields(HeartbeatDoc) if f.name not in HEARTBEAT_EXTRA_KEYS + ("extra",))

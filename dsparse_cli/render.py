@@ -78,16 +78,17 @@ def error_lines(errors: Iterable[tuple[str, str]]) -> list[Text]:
 def probe_table(cluster: str, infos) -> Group:
     """The probed boards; a failed board's row says `failed` and its error follows the table."""
     t = FitTable(f"cluster {cluster}", ("board", "kind", "model", "arch", "cpus", "mem total", "available",
-                                        "cgroup limit", "usable", "torch", "address"),
+                                        "cgroup limit", "usable", "torch", "address", "link"),
                  essential=("board", "kind", "usable", "address", "torch"))
     for i in infos:
         if not i.ok:
-            t.add_row(Text(i.name, "red"), Text("failed", "red"), *[""] * 9)
+            t.add_row(Text(i.name, "red"), Text("failed", "red"), *[""] * 10)
             continue
-        t.add_row(i.name, i.kind or "-", i.model or "-", i.arch or "-", str(i.cpus or "-"),
+        t.add_row(i.name, i.kind or "-", i.model or "-", i.arch or "-", str(i.cpus_effective or i.cpus or "-"),
                   format_size(i.mem_total_bytes), format_size(i.mem_available_bytes),
                   format_size(i.cgroup_limit_bytes), f"[bold]{format_size(i.usable_memory_bytes)}[/]",
-                  i.torch or "[yellow]missing[/]", f"{i.address or '-'} ({i.iface or '-'})")
+                  i.torch or "[yellow]missing[/]", f"{i.address or '-'} ({i.iface or '-'})",
+                  format_rate(getattr(i, "link_bytes_per_s", None)))
     return Group(t, *error_lines((i.name, i.error or "failed") for i in infos if not i.ok))
 
 

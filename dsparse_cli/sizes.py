@@ -60,8 +60,8 @@ def format_rate(bytes_per_s: float | None) -> str:
     bits = bytes_per_s * 8
     for unit, scale in (("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
         if bits >= scale:
-            return f"{bits / scale:g} {unit}"
-    return f"{bits:g} bit/s"
+            return f"{bits / scale:.3g} {unit}"
+    return f"{bits:.3g} bit/s"
 
 
 def format_size(n: int | float | None) -> str:

@@ -16,7 +16,8 @@ def plan(
     num_classes: int = typer.Option(10, "--num-classes", help="Classes the model's head predicts."),
     optimizer: str = typer.Option("sgd-momentum", help="sgd, sgd-momentum or adam."),
     headroom: float = typer.Option(0.15, help="Fraction of usable memory kept free."),
-    sync_every: int = typer.Option(1, "--sync-every", help="Broadcast updated weights every N steps."),
+    sync_every: int = typer.Option(1, "--sync-every", help="Broadcast updated weights every N steps "
+                                   "(--objective time: at most every N, per group)."),
     importance: str = typer.Option("depth", help="depth (later layers first) or grad (measured)."),
     objective: str = typer.Option("memory", help="memory (each board trains as much as fits) or time (least "
                                   "predicted aggregation time; needs every board's link: in cluster.yaml)."),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import typer
+
 from dsparse_cli.cli.app import AcceptNewOpt, app, done, inventory, options, print_json
 from dsparse_cli.errors import EXIT_BOARD_FAILED, EXIT_OK
 
@@ -11,7 +13,9 @@ CONTRACT_KEYS = ("name", "ok", "error", "kind", "model", "arch", "cpus", "mem_to
 
 
 @app.command()
-def probe(accept_new_host_keys: bool = AcceptNewOpt) -> None:
+def probe(accept_new_host_keys: bool = AcceptNewOpt,
+          links: bool = typer.Option(False, "--links", help="Also time a short transfer from each board to the "
+                                     "master board: each board's link rate, for `plan`.")) -> None:
     """Measure every board: memory (with cgroup limits), model, CPUs, torch, network.
 
     Exit 0 when every board answered, 1 when any failed. Results are cached in
@@ -23,6 +27,8 @@ def probe(accept_new_host_keys: bool = AcceptNewOpt) -> None:
     inv = inventory()
     with spinner(f"probing {len(inv.boards)} boards...", quiet=options.json):
         infos = probe_all(inv, connect_timeout=options.connect_timeout, accept_new_host_keys=accept_new_host_keys)
+    if links:
+        infos = _with_links(inv, infos, accept_new_host_keys)
     cache = write_cache(inv, infos)
     if options.json:
         print_json({"cluster": inv.name, "boards": [_contract(i.model_dump(mode="json")) for i in infos]})
@@ -30,6 +36,21 @@ def probe(accept_new_host_keys: bool = AcceptNewOpt) -> None:
         show(render.probe_table(inv.name, infos))
         info(f"cached in {cache}")
     done(EXIT_OK if all(i.ok for i in infos) else EXIT_BOARD_FAILED)
+
+
+def _with_links(inv, infos, accept_new_host_keys: bool):
+    """The probe results with each board's measured link; nothing is cached when a board fails."""
+    from dsparse_cli.console import spinner
+    from dsparse_cli.errors import RemoteError
+    from dsparse_cli.probing.links import measure_links
+
+    failed = [i for i in infos if not i.ok]
+    if failed:
+        raise RemoteError(f"board {failed[0].name} could not be probed: {failed[0].error}",
+                          "fix it before measuring links (nothing was cached)")
+    with spinner("timing each board's link to the master...", quiet=options.json):
+        rates = measure_links(inv, connect_timeout=options.connect_timeout, accept_new_host_keys=accept_new_host_keys)
+    return [i.model_copy(update={"link_bytes_per_s": rates[i.name]}) for i in infos]
 
 
 def _contract(board: dict) -> dict:

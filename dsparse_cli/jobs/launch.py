@@ -9,7 +9,6 @@ PID (== PGID) is recorded locally as soon as it exists so `dsparse stop` can alw
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import socket
 import time
@@ -24,6 +23,7 @@ from dsparse_cli.jobs import preflight, records, workload
 from dsparse_cli.jobs.records import BoardRun, JobRecord
 from dsparse_cli.remote import connect, fan_out
 from dsparse_cli.remote.base import Transport
+from dsparse_cli.runtime.cpus import THREADS_ENV, process_cpus
 
 
 def job_doc(opts: JobSpec, job_id: str, run_dir: str, resume: bool) -> dict:
@@ -165,6 +165,17 @@ def worker_command(target: Target, rank: int, world: int, inv: Inventory, run_di
     return " ".join(["exec", q(target.python), *launcher, *worker])
 
 
+def worker_threads(target: Target, inv: Inventory) -> int | None:
+    """The torch threads of the board's worker: cluster.yaml's `threads:`; for a simulated board
+    its share of this machine's CPUs (they all run here); else None: the worker takes the CPUs
+    it may really use (affinity and cgroup quota, which torch alone would ignore)."""
+    if target.threads:
+        return target.threads
+    if target.local:
+        return max(1, process_cpus() // max(1, sum(1 for b in inv.boards if b.local)))
+    return None
+
+
 def worker_env(target: Target, inv: Inventory, pkg_dir: str, probed_iface: str | None = None) -> dict[str, str]:
     """The worker's environment. Collectives bind to the inventory's `iface`, else to the one the
     probe found toward the master (so gloo/NCCL never pick a wrong interface on multi-homed boards)."""
@@ -174,10 +185,10 @@ def worker_env(target: Target, inv: Inventory, pkg_dir: str, probed_iface: str |
     # The plan's memory figures were measured with glibc returning freed memory at once; the
     # worker runs the same way so its footprint is the one planned (it costs some speed).
     env = {"PYTHONPATH": pkg_dir, "PYTHONUNBUFFERED": "1", "TORCH_CPP_LOG_LEVEL": "ERROR", **MALLOC_ENV}
+    threads = worker_threads(target, inv)
+    if threads:
+        env[THREADS_ENV] = str(threads)
     if target.local:
-        # Simulated boards share this machine's cores: one thread each avoids oversubscription.
-        local = sum(1 for b in inv.boards if b.local)
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, local)))
         iface = iface or "lo"
     if iface:
         env["GLOO_SOCKET_IFNAME"] = iface

@@ -25,7 +25,7 @@ KIB = 1024
 # the `dsparse probe --json` contract: always present in the output (None when unknown)
 CONTRACT_KEYS = (
     "hostname", "kind", "model", "l4t_release", "arch", "cpus", "cpus_allowed", "cpu_quota",
-    "cpu_model", "mem_total_bytes", "mem_available_bytes", "swap_total_bytes",
+    "cpus_effective", "cpu_model", "mem_total_bytes", "mem_available_bytes", "swap_total_bytes",
     "swap_free_bytes", "zram_bytes", "nvmap_bytes", "cgroup_version", "cgroup_limit_bytes",
     "cgroup_usage_bytes", "memory_limit_bytes", "usable_memory_bytes", "usable_memory_source",
     "python", "python_executable", "torch", "torchvision", "cuda", "cuda_device",
@@ -241,6 +241,17 @@ def parse_cgroup_v1_cpu_quota(quota_text, period_text):
     if quota is None or quota <= 0 or not period:
         return None
     return quota / period
+
+
+def effective_cpus(cpus, allowed, quota):
+    """The CPUs a process may use: its affinity (else the machine's count), capped by a cgroup
+    quota rounded down (1.5 CPUs keep one core busy, not two), at least 1; None if nothing is
+    known. torch ignores quotas, so the worker sizes its threads with this rule
+    (dsparse_cli/runtime/cpus.py repeats it: this file cannot be imported there)."""
+    limits = [n for n in (allowed or cpus,) if n]
+    if quota:
+        limits.append(max(1, int(quota)))
+    return max(1, min(limits)) if limits else None
 
 
 def parse_tegra_release(text):
@@ -495,6 +506,7 @@ def collect_cpus(info):
     info["cpus_allowed"] = (len(os.sched_getaffinity(0))
                             if hasattr(os, "sched_getaffinity") else None)
     info["cpu_quota"] = cgroup_cpu_quota(*find_cgroup("cpu"))
+    info["cpus_effective"] = effective_cpus(info["cpus"], info["cpus_allowed"], info["cpu_quota"])
     info["cpu_model"] = parse_cpuinfo_model(read_text("/proc/cpuinfo", ""))
 
 

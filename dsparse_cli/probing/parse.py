@@ -32,6 +32,7 @@ class DeviceInfo(BaseModel):
     cpus: int | None = None
     cpus_allowed: int | None = None
     cpu_quota: float | None = None
+    cpus_effective: int | None = None          # min(affinity, quota rounded down), >= 1: its torch threads
     cpu_model: str | None = None
     mem_total_bytes: int | None = None
     mem_available_bytes: int | None = None
@@ -51,6 +52,7 @@ class DeviceInfo(BaseModel):
     torch_timed_out: bool = False              # `import torch` was too slow to tell
     torchvision: str | None = None
     gloo: bool | None = None                   # torch.distributed with gloo (some Jetson wheels lack it)
+    link_bytes_per_s: float | None = None      # measured by `probe --links` (to the master board)
     cuda: bool = False
     cuda_device: str | None = None
     cuda_memory_bytes: int | None = None

@@ -1,12 +1,14 @@
 """A broadcast that does not fan out from one link: a pipelined chain on point-to-point ops.
 
 `dist.broadcast` in gloo sends the whole payload from the root to every receiver in turn, so the
-root's link carries (N-1)·B bytes and every step waits on it. Here the ranks form a chain
-(root first, then the receivers in order); the payload is cut into chunks and each rank receives
-a chunk from its predecessor and forwards it to its successor while it receives the next one.
-Every link carries about B bytes once, and the time is about (B + (N-2)·chunk) / rate instead of
-(N-1)·B / rate. The result is bit-identical to `dist.broadcast`: chunks are copied, never
-combined. With a single receiver it is `dist.broadcast` (the same bytes on the same link).
+root's link carries (N-1)·B bytes and every step waits on it. Here the ranks form a chain: the
+root first, then the receivers in the plan's order (the planner puts the fastest link first,
+since the last rank only receives; ascending ranks when the plan gives no order). The payload is
+cut into chunks and each rank receives a chunk from its predecessor and forwards it to its
+successor while it receives the next one. Every link carries about B bytes once, and the time is
+about (B + (N-2)·chunk) / rate instead of (N-1)·B / rate. The result is bit-identical to
+`dist.broadcast`: chunks are copied, never combined. With a single receiver it is
+`dist.broadcast` (the same bytes on the same link).
 """
 
 from __future__ import annotations
@@ -17,9 +19,17 @@ from torch import Tensor
 CHUNK_BYTES = 256 * 1024   # small enough to fill the pipe quickly, large enough to keep gloo busy
 
 
-def chain_order(ranks: list[int], root: int) -> list[int]:
-    """The chain: the root, then the other ranks in ascending order."""
-    return [root] + sorted(r for r in ranks if r != root)
+def chain_order(ranks: list[int], root: int, receivers: list[int] | None = None) -> list[int]:
+    """The chain: the root, then `receivers` as given, or the other ranks in ascending order.
+    Every rank must compute the same order, so a `receivers` that is not exactly the other
+    ranks is refused rather than guessed at."""
+    others = sorted(r for r in ranks if r != root)
+    if not receivers:
+        return [root] + others
+    order = [root] + [int(r) for r in receivers]
+    if sorted(order[1:]) != others:
+        raise ValueError(f"chain receivers {list(receivers)} are not the ranks {others} other than root {root}")
+    return order
 
 
 def chain_broadcast(flat: Tensor, order: list[int], rank: int, group=None, chunk_bytes: int = CHUNK_BYTES) -> None:

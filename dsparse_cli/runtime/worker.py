@@ -30,7 +30,7 @@ from dsparse_cli.runtime import data as datamod
 from dsparse_cli.runtime.aggregate import GroupedAggregator, broadcast_module
 from dsparse_cli.runtime.heartbeat import Heartbeat, write_json_atomic
 from dsparse_cli.runtime.job_setup import (WorkerError, check_plan, check_units, compressor_for_job,
-                                           init_distributed, lr_at, read_job)
+                                           init_distributed, lr_at, read_job, set_threads)
 from dsparse_cli.runtime.memory import MemoryMeter
 from dsparse_cli.runtime.model_out import model_meta, save_model
 from dsparse_cli.runtime.models import ModelError, build_model, units_from_plan
@@ -97,7 +97,7 @@ class Trainer:
         if job.max_steps:
             self.total_steps = min(self.total_steps, job.max_steps)
         self.agg = GroupedAggregator(plan, self.rank, self.model, self.units, self.compressor,
-                                     sync_every=job.sync_every or plan.get("sync_every"), device=self.device,
+                                     sync_every=job.sync_every, device=self.device,
                                      timeout_s=job.collective_timeout_s)
         if job.resume:
             self._resume()
@@ -284,7 +284,7 @@ class Trainer:
         out = {"epoch": min(self.epoch + 1, self.job.epochs), "epochs": self.job.epochs,
                "step": self.step_in_epoch, "steps_per_epoch": self.spe, "accuracy": self.accuracy,
                "samples_per_s": rate, "updated_units": self.updated, "global_step": self.global_step,
-               "total_steps": self.total_steps}
+               "total_steps": self.total_steps, "threads": torch.get_num_threads()}
         out.update(self.agg.report())
         out.update(self.meter.report())
         return out
@@ -304,8 +304,8 @@ class Trainer:
         doc = {"job": self.job.id, "rank": self.rank, "name": self.device_entry["name"], "state": WorkerState.FINISHED.value,
                "dataset": self.job.dataset, "model": self.plan["model"], "world": self.world,
                "steps": self.global_step, "wall_s": wall_s, "train_s": self.train_time,
-               "resumed_from_step": self.resumed_from, "history": self.history,
-               "compression": self.job.compression, "sync_every": self.agg.sync_every}
+               "resumed_from_step": self.resumed_from, "history": self.history, "compression": self.job.compression,
+               "sync_every": {g.id: g.sync_every for g in self.agg.groups if g.op == "broadcast"}}
         doc.update(self.metrics())
         doc["compressor"] = self.compressor.report()
         return doc
@@ -340,6 +340,7 @@ def main(argv=None) -> int:
         plan, job = _read_json(args.plan, "plan"), read_job(_read_json(args.job, "job"))
         job.workdir = job.workdir or os.path.dirname(os.path.abspath(args.job))
         entry = check_plan(plan, rank, world)
+        set_threads()   # before any torch work: torch alone would ignore the board's CPU quota
     except WorkerError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

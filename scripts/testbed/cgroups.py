@@ -1,8 +1,10 @@
-"""Memory cgroups for emulated boards: v1 (`memory.limit_in_bytes`) or v2 (`memory.max`).
+"""Cgroups for emulated boards: memory limits, v1 (`memory.limit_in_bytes`) or v2 (`memory.max`),
+and CPU allowances, v1 (`cpu.cfs_quota_us`) or v2 (`cpu.max`).
 
 The testbed makes one parent `<prefix>` with a child per board (and one for the link
 emulator) directly under the hierarchy root, so the cgroups outlive the shell that ran `up`.
-Swap is capped too (memsw / swap.max) so the limit is real.
+Swap is capped too (memsw / swap.max) so the limit is real. A v1 host mounts the cpu controller
+in a hierarchy of its own: the same `<prefix>/<board>` tree is made there too.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from pathlib import Path
 
 from .errors import TestbedError
 
+CPU_PERIOD_US = 100_000
+
 
 @dataclass(frozen=True)
 class Hierarchy:
     version: int          # 1 or 2
-    mountpoint: str       # where the memory controller's hierarchy is mounted
+    mountpoint: str       # where the controller's hierarchy is mounted
 
 
 def mountinfo(text: str | None = None) -> list[tuple[str, str, str, str]]:
@@ -35,25 +39,26 @@ def mountinfo(text: str | None = None) -> list[tuple[str, str, str, str]]:
     return out
 
 
-def find_hierarchy(mounts=None) -> Hierarchy:
-    """The memory controller: a v1 hierarchy carrying it wins (hybrid hosts), else cgroup2."""
+def find_hierarchy(mounts=None, controller: str = "memory") -> Hierarchy:
+    """The controller's hierarchy: a v1 one carrying it wins (hybrid hosts), else cgroup2."""
     mounts = mountinfo() if mounts is None else mounts
     for _, mp, fstype, opts in mounts:
-        if fstype == "cgroup" and "memory" in opts.split(","):
+        if fstype == "cgroup" and controller in opts.split(","):
             return Hierarchy(1, mp)
     for _, mp, fstype, _ in mounts:
         if fstype == "cgroup2":
             controllers = _read(Path(mp) / "cgroup.controllers").split()
-            if "memory" in controllers:
+            if controller in controllers:
                 return Hierarchy(2, mp)
-    raise TestbedError("no cgroup memory controller is mounted (need cgroup v1 'memory' or cgroup2 "
-                       "with the memory controller)")
+    raise TestbedError(f"no cgroup {controller} controller is mounted (need cgroup v1 '{controller}' or "
+                       f"cgroup2 with the {controller} controller)")
 
 
-def create_parent(h: Hierarchy, prefix: str) -> str:
+def create_parent(h: Hierarchy, prefix: str, controllers: tuple[str, ...] = ("memory",)) -> str:
+    """`<mount>/<prefix>`; on cgroup2 with `controllers` enabled for it and for its children."""
     root = Path(h.mountpoint)
     if h.version == 2:
-        _enable_memory(root)
+        _enable(root, controllers)
     parent = root / prefix
     try:
         parent.mkdir()
@@ -63,7 +68,7 @@ def create_parent(h: Hierarchy, prefix: str) -> str:
     except OSError as e:
         raise TestbedError(f"cannot create cgroup {parent}: {e.strerror}") from None
     if h.version == 2:
-        _enable_memory(parent)
+        _enable(parent, controllers)
     return str(parent)
 
 
@@ -80,6 +85,26 @@ def create_child(h: Hierarchy, parent: str, name: str, limit: int | None) -> str
             if (path / "memory.swap.max").exists():
                 _write(path / "memory.swap.max", 0)
     return str(path)
+
+
+def set_cpus(h_version: int, path: str, cpus: float) -> None:
+    """A CPU allowance of `cpus` CPUs per CPU_PERIOD_US (the usual 100 ms)."""
+    quota = max(1000, round(cpus * CPU_PERIOD_US))
+    if h_version == 1:
+        _write(Path(path) / "cpu.cfs_period_us", CPU_PERIOD_US)
+        _write(Path(path) / "cpu.cfs_quota_us", quota)
+    else:
+        _write(Path(path) / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+
+
+def cpus_of(h_version: int, path: str) -> float | None:
+    """The allowance `set_cpus` wrote, in CPUs; None when unlimited or unreadable."""
+    if h_version == 1:
+        quota, period = _read(Path(path) / "cpu.cfs_quota_us"), _read(Path(path) / "cpu.cfs_period_us")
+    else:
+        quota, _, period = _read(Path(path) / "cpu.max").strip().partition(" ")
+    quota, period = quota.strip(), period.strip()
+    return int(quota) / int(period) if quota.isdigit() and period.isdigit() and int(period) else None
 
 
 def limit_of(h_version: int, path: str) -> int | None:
@@ -129,7 +154,7 @@ def remove(paths: list[str], timeout: float = 10.0) -> list[str]:
     return left
 
 
-def replicate_mounts_script(h: Hierarchy, mounts=None) -> str:
+def replicate_mounts_script(h: Hierarchy, mounts=None, also: tuple[str, ...] = ()) -> str:
     """Shell lines that re-create the host's /sys/fs/cgroup mounts.
 
     `ip netns exec` mounts a fresh sysfs on /sys (so /sys/class/net shows the board's own
@@ -145,7 +170,7 @@ def replicate_mounts_script(h: Hierarchy, mounts=None) -> str:
             lines.append(f"mount -t tmpfs -o mode=755 cgroup_root {mp}")
             lines += _symlinks(mp)
         elif fstype in ("cgroup", "cgroup2"):
-            must = mp == h.mountpoint      # only the memory hierarchy is essential
+            must = mp == h.mountpoint or mp in also    # the hierarchies the boards are limited in
             tail = "" if must else " 2>/dev/null || true"
             lines.append(f"mkdir -p {mp} && mount -t {fstype} -o {opts} {fstype} {mp}{tail}")
     return "\n".join(lines)
@@ -163,15 +188,16 @@ def _symlinks(mp: str) -> list[str]:
     return out
 
 
-def _enable_memory(path: Path) -> None:
+def _enable(path: Path, controllers: tuple[str, ...]) -> None:
     control = path / "cgroup.subtree_control"
-    if "memory" in _read(control).split():
-        return
-    try:
-        _write(control, "+memory")
-    except TestbedError as e:
-        raise TestbedError(f"cannot enable the memory controller in {control} ({e}); on a "
-                           f"cgroup2 host run the testbed from a delegated cgroup or as real root") from None
+    for controller in controllers:
+        if controller in _read(control).split():
+            continue
+        try:
+            _write(control, f"+{controller}")
+        except TestbedError as e:
+            raise TestbedError(f"cannot enable the {controller} controller in {control} ({e}); on a "
+                               f"cgroup2 host run the testbed from a delegated cgroup or as real root") from None
 
 
 def _read(path: Path) -> str:

@@ -33,6 +33,8 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--profile", default="uniform", choices=["uniform", "paper7"])
     u.add_argument("--memory", default="1200MiB", help="memory limit per board (uniform)")
     u.add_argument("--rate", default="100mbit", help="link rate per board, each direction (uniform)")
+    u.add_argument("--cpus", default=None, help="CPU allowance per board, a cgroup quota, e.g. 0.5 "
+                                                "(uniform; default unlimited)")
     u.add_argument("--delay", default="5ms", help="one-way link latency per board, each direction")
     u.add_argument("--loss", type=float, default=0.0, help="random loss per direction, percent")
     u.add_argument("--python", default=None, help="interpreter with torch, as boards see it "
@@ -85,7 +87,8 @@ def run(args) -> int:
     if args.cmd == "up":
         if args.mtu < 576 or args.mtu > 65000:
             raise TestbedError("--mtu must be between 576 and 65000", 2)
-        specs = boards_for(args.profile, args.boards, args.memory, args.rate, args.delay, args.loss)
+        specs = boards_for(args.profile, args.boards, args.memory, args.rate, args.delay, args.loss,
+                           args.cpus)
         rec = testbed.up(directory, specs, args.python or default_python(), args.mtu)
         print(f"up: {len(rec['boards'])} boards on {rec['subnet']}; inventory {directory}/cluster.yaml, "
               f"known_hosts {directory}/known_hosts")

@@ -19,7 +19,8 @@ def cluster_yaml(rec: dict) -> str:
         f"subnet {rec['subnet']}).",
         f"# Boards' host keys are in {d}/known_hosts (named below), not ~/.ssh/known_hosts;",
         f"# for plain ssh use `ssh -o UserKnownHostsFile={d}/known_hosts -i {d}/id_ed25519 root@ADDR`.",
-        "# memory_limit is deliberately unset: the probe finds each board's cgroup limit itself.",
+        "# memory_limit is deliberately unset: the probe finds each board's cgroup limit itself;",
+        "# threads too: each worker sizes torch's threads from its cgroup's CPU allowance.",
         f"# Tear down with: scripts/edge-testbed down --dir {d}",
         f"name: {_q('testbed-' + rec['id'])}",
         "",
@@ -37,7 +38,8 @@ def cluster_yaml(rec: dict) -> str:
     ]
     for b in rec["boards"]:
         about = (f"{b['memory'] // MiB} MiB, {format_rate(b['rate_bps'])}, {b['delay_ms']:g} ms"
-                 + (f", {b['loss_pct']:g}% loss" if b["loss_pct"] else ""))
+                 + (f", {b['loss_pct']:g}% loss" if b["loss_pct"] else "")
+                 + (f", {b['cpus']:g} CPU" if b.get("cpus") else ""))
         if b.get("emulates"):
             about = f"{b['emulates']} -> {about}"
         lines += [f"  - name: {b['name']}                # {about}",

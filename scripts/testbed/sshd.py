@@ -50,8 +50,9 @@ def write_config(run_dir: Path, addr: str, authorized_keys: Path) -> Path:
     return cfg
 
 
-def write_start_script(run_dir: Path, hostname: str, mounts: str, cgroup: str, config: Path) -> Path:
-    """The board's init: re-mount cgroupfs, join the board cgroup, then become sshd.
+def write_start_script(run_dir: Path, hostname: str, mounts: str, cgroups: list[str], config: Path) -> Path:
+    """The board's init: re-mount cgroupfs, join the board's cgroups (memory; cpu when v1 keeps it
+    in a hierarchy of its own), then become sshd.
 
     It runs under `ip netns exec NS unshare --uts`, all of which exec in place, so the PID
     `up` records is sshd's, and every session sshd forks is born inside the memory limit.
@@ -61,7 +62,7 @@ def write_start_script(run_dir: Path, hostname: str, mounts: str, cgroup: str, c
         "#!/bin/sh",
         "set -e",
         mounts,
-        f"echo $$ > {cgroup}/cgroup.procs",
+        *(f"echo $$ > {cg}/cgroup.procs" for cg in cgroups),
         f"hostname {hostname}",
         f"exec {SSHD} -D -e -f {config}",
         "",

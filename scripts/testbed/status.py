@@ -23,6 +23,8 @@ def collect(directory: Path) -> dict | None:
             "sshd_pid": b["sshd_pid"], "sshd_alive": procs.is_ours(b["sshd_pid"], b["run_dir"]),
             "memory_limit": cgroups.limit_of(version, b["cgroup"]),
             "memory_usage": cgroups.usage_of(version, b["cgroup"]),
+            "cpus": cgroups.cpus_of(rec["cgroup"]["cpu"]["version"], b["cpu_cgroup"])
+            if b.get("cpu_cgroup") else None,
             "link": net.link_state(b["host_tap"]), "rate": format_rate(b["rate_bps"]),
             "delay_ms": b["delay_ms"], "loss_pct": b["loss_pct"], "emulates": b.get("emulates", ""),
             "traffic": stats.get(b["name"]),
@@ -39,8 +41,8 @@ def format_text(st: dict) -> str:
              f"bridge {st['bridge']} {'present' if st['bridge_exists'] else 'MISSING'}, "
              f"link emulator pid {st['linkemu_pid']} {'alive' if st['linkemu_alive'] else 'DEAD'}, "
              f"cgroup v{st['cgroup_version']} {st['cgroup']}",
-             f"{'board':6} {'address':14} {'netns':6} {'sshd':14} {'memory used/limit':22} {'link':28} "
-             f"traffic up/down"]
+             f"{'board':6} {'address':14} {'netns':6} {'sshd':14} {'memory used/limit':22} {'cpus':5} "
+             f"{'link':28} traffic up/down"]
     for b in st["boards"]:
         mem = (f"{(b['memory_usage'] or 0) / MiB:.0f}/{b['memory_limit'] / MiB:.0f} MiB"
                if b["memory_limit"] else "-")
@@ -49,8 +51,9 @@ def format_text(st: dict) -> str:
             (f" {b['loss_pct']:g}%loss" if b["loss_pct"] else "")
         t = b["traffic"] or {}
         traffic = "/".join(f"{t.get(d, {}).get('bytes', 0) / MiB:.1f}" for d in ("up", "down")) + " MiB"
+        cpus = f"{b['cpus']:g}" if b.get("cpus") else "-"
         lines.append(f"{b['name']:6} {b['addr']:14} {'yes' if b['netns'] else 'NO':6} {sshd_txt:14} "
-                     f"{mem:22} {link:28} {traffic}")
+                     f"{mem:22} {cpus:5} {link:28} {traffic}")
     return "\n".join(lines)
 
 

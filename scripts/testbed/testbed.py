@@ -27,7 +27,8 @@ def up(directory: Path, specs: list[BoardSpec], python: str, mtu: int, log=print
     directory.mkdir(parents=True, exist_ok=True)
     _refuse_if_up(directory)
     h = cgroups.find_hierarchy()
-    rec = _plan(directory, specs, python, mtu, h)
+    hc = cgroups.find_hierarchy(controller="cpu") if any(s.cpus for s in specs) else None
+    rec = _plan(directory, specs, python, mtu, h, hc)
     record.save(directory, rec)
     try:
         _build(directory, rec, h, log)
@@ -50,8 +51,11 @@ def _refuse_if_up(directory: Path) -> None:
     record.remove(directory)          # stale record of a testbed that no longer exists
 
 
-def _plan(directory: Path, specs: list[BoardSpec], python: str, mtu: int, h: cgroups.Hierarchy) -> dict:
-    tid = _free_id(directory, h)
+def _plan(directory: Path, specs: list[BoardSpec], python: str, mtu: int, h: cgroups.Hierarchy,
+          hc: cgroups.Hierarchy | None) -> dict:
+    """`hc`: the cpu controller's hierarchy when a board has a CPU allowance (the memory one on
+    cgroup2, a hierarchy of its own on v1), else None."""
+    tid = _free_id(directory, [h] + ([hc] if hc else []))
     subnet = net.pick_subnet(int(tid, 16))
     base = str(subnet.network_address).rsplit(".", 1)[0]
     prefix, ifp = f"dsp-{tid}", f"dsp{tid}"
@@ -62,6 +66,7 @@ def _plan(directory: Path, specs: list[BoardSpec], python: str, mtu: int, h: cgr
             "name": name, "addr": f"{base}.{FIRST_HOST + i}", "netns": f"{prefix}-{name}",
             "host_tap": f"{ifp}h{i}", "board_tap": f"{ifp}b{i}",
             "cgroup": str(Path(h.mountpoint) / prefix / name),
+            "cpu_cgroup": str(Path(hc.mountpoint) / prefix / name) if hc and s.cpus else None, "cpus": s.cpus,
             "memory": s.memory, "rate_bps": s.rate_bps, "delay_ms": s.delay_ms, "loss_pct": s.loss_pct,
             "emulates": s.emulates, "workdir": str(directory / "boards" / name),
             "run_dir": str(directory / "run" / name), "sshd_pid": None,
@@ -73,7 +78,9 @@ def _plan(directory: Path, specs: list[BoardSpec], python: str, mtu: int, h: cgr
         "bridge": {"name": f"{ifp}br", "addr": f"{base}.1"},
         "cgroup": {"version": h.version, "mountpoint": h.mountpoint,
                    "parent": str(Path(h.mountpoint) / prefix),
-                   "link": str(Path(h.mountpoint) / prefix / "link")},
+                   "link": str(Path(h.mountpoint) / prefix / "link"),
+                   "cpu": {"version": hc.version, "mountpoint": hc.mountpoint,
+                           "parent": str(Path(hc.mountpoint) / prefix)} if hc else None},
         "linkemu": {"pid": None, "config": str(directory / "run" / "links.json"),
                     "stats": str(directory / "run" / "linkstats.json")},
         "etc_netns_created": False,
@@ -81,13 +88,14 @@ def _plan(directory: Path, specs: list[BoardSpec], python: str, mtu: int, h: cgr
     }
 
 
-def _free_id(directory: Path, h: cgroups.Hierarchy) -> str:
-    """An id whose names (bridge, namespaces, cgroup) nothing on this machine uses yet, so a
+def _free_id(directory: Path, hierarchies: list[cgroups.Hierarchy]) -> str:
+    """An id whose names (bridge, namespaces, cgroups) nothing on this machine uses yet, so a
     failed `up` can safely remove everything its record names."""
     namespaces = net.netns_list()
     for salt in range(32):
         tid = record.testbed_id(directory, salt)
-        if not (net.link_exists(f"dsp{tid}br") or os.path.exists(Path(h.mountpoint) / f"dsp-{tid}")
+        if not (net.link_exists(f"dsp{tid}br") or any(os.path.exists(Path(h.mountpoint) / f"dsp-{tid}")
+                                                      for h in hierarchies)
                 or any(ns.startswith(f"dsp-{tid}-") for ns in namespaces)):
             return tid
     raise TestbedError("no free testbed name: too many dsp-* testbeds or leftovers (see `ip netns list`)")
@@ -117,10 +125,31 @@ def _build(directory: Path, rec: dict, h: cgroups.Hierarchy, log) -> None:
 
 
 def _make_cgroups(rec: dict, h: cgroups.Hierarchy) -> None:
-    cgroups.create_parent(h, rec["prefix"])
+    hc = _cpu_hierarchy(rec)
+    shared = hc is not None and hc.mountpoint == h.mountpoint          # cgroup2: one tree for both
+    cgroups.create_parent(h, rec["prefix"], ("memory", "cpu") if shared else ("memory",))
+    if hc is not None and not shared:
+        cgroups.create_parent(hc, rec["prefix"], ("cpu",))
     cgroups.create_child(h, rec["cgroup"]["parent"], "link", None)
     for b in rec["boards"]:
         cgroups.create_child(h, rec["cgroup"]["parent"], b["name"], b["memory"])
+        if b.get("cpus"):
+            if not shared:
+                cgroups.create_child(hc, rec["cgroup"]["cpu"]["parent"], b["name"], None)
+            cgroups.set_cpus(hc.version, b["cpu_cgroup"], b["cpus"])
+
+
+def _cpu_hierarchy(rec: dict) -> cgroups.Hierarchy | None:
+    cpu = rec["cgroup"].get("cpu")
+    return cgroups.Hierarchy(cpu["version"], cpu["mountpoint"]) if cpu else None
+
+
+def _cpu_cgroups(rec: dict) -> list[str]:
+    """The cpu hierarchy's own cgroups (v1), children first; none when they are the memory ones."""
+    cpu = rec["cgroup"].get("cpu")
+    if not cpu or cpu["mountpoint"] == rec["cgroup"]["mountpoint"]:
+        return []
+    return [b["cpu_cgroup"] for b in rec["boards"] if b.get("cpu_cgroup")] + [cpu["parent"]]
 
 
 def _start_linkemu(rec: dict) -> None:
@@ -173,14 +202,16 @@ def _write_board_hosts(rec: dict) -> None:
 
 
 def _start_sshds(directory: Path, rec: dict, h: cgroups.Hierarchy) -> dict[str, str]:
-    mounts = cgroups.replicate_mounts_script(h)
+    hc = _cpu_hierarchy(rec)
+    mounts = cgroups.replicate_mounts_script(h, also=(hc.mountpoint,) if hc else ())
     keys, started = {}, []
     for b in rec["boards"]:
         run = Path(b["run_dir"])
         run.mkdir(parents=True, exist_ok=True)
         keys[b["name"]] = sshd.keygen(run / "host_ed25519", f"{b['name']}@{rec['prefix']}")
         cfg = sshd.write_config(run, b["addr"], directory / "authorized_keys")
-        script = sshd.write_start_script(run, b["name"], mounts, b["cgroup"], cfg)
+        joins = list(dict.fromkeys(c for c in (b["cgroup"], b.get("cpu_cgroup")) if c))  # v2: the same
+        script = sshd.write_start_script(run, b["name"], mounts, joins, cfg)
         started.append(sshd.start(b["netns"], script, run / "sshd.log"))
         b["sshd_pid"] = started[-1].pid
         record.save(directory, rec)
@@ -213,7 +244,7 @@ def down(directory: Path, log=print) -> list[str]:
             ETC_NETNS.rmdir()                 # only if empty: another tool may use it by now
         except OSError:
             pass
-    left = cgroups.remove(children + [cg["parent"]])
+    left = cgroups.remove(children + [cg["parent"]] + _cpu_cgroups(rec))
     left += _still_there(rec)
     if left:
         for item in left:
@@ -239,7 +270,8 @@ def _still_there(rec: dict) -> list[str]:
 
 
 def _anything_exists(rec: dict) -> bool:
-    return bool(_still_there(rec)) or os.path.isdir(rec["cgroup"]["parent"]) or \
+    cgroup_dirs = [rec["cgroup"]["parent"], *_cpu_cgroups(rec)]
+    return bool(_still_there(rec)) or any(os.path.isdir(p) for p in cgroup_dirs) or \
         procs.is_ours(rec["linkemu"].get("pid"), rec["linkemu"]["config"])
 
 

@@ -16,7 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
-from testbed import cli as tb_cli, linkemu, profiles  # noqa: E402
+from testbed import cgroups, cli as tb_cli, linkemu, profiles  # noqa: E402
 
 MiB = 1 << 20
 LIMIT = 600 * MiB                     # conftest.UP_ARGS: --memory 600MiB --delay 20ms
@@ -79,6 +79,29 @@ def test_paper7_fits_a_24gib_machine_and_keeps_every_board_trainable():
     assert all(b.emulates for b in boards)
     with pytest.raises(Exception, match="paper7 has 7 boards"):
         profiles.boards_for("paper7", 3, "1GiB", "1mbit", "1ms", 0.0)
+
+
+def test_cpu_allowances_paper7_scaled_uniform_on_request():
+    paper7 = profiles.boards_for("paper7", None, "1GiB", "1mbit", "1ms", 0.0)
+    assert sum(b.cpus for b in paper7) <= 2 and len({b.cpus for b in paper7}) >= 3   # a 2-core machine
+    assert paper7[0].cpus == max(b.cpus for b in paper7) < 1     # the Orin leads; every worker: 1 thread
+    assert profiles.boards_for("uniform", 2, "1GiB", "1mbit", "1ms", 0.0)[0].cpus is None
+    assert profiles.boards_for("uniform", 2, "1GiB", "1mbit", "1ms", 0.0, "0.5")[1].cpus == 0.5
+    for bad in ("0", "lots", "nan"):
+        with pytest.raises(Exception, match="bad CPU allowance"):
+            profiles.parse_cpus(bad)
+    with pytest.raises(Exception, match="drop --cpus"):
+        profiles.boards_for("paper7", None, "1GiB", "1mbit", "1ms", 0.0, "1")
+
+
+def test_cpu_allowance_files_v1_and_v2(tmp_path):
+    for version, name in ((1, "cpu.cfs_quota_us"), (2, "cpu.max")):
+        board = tmp_path / f"v{version}"
+        board.mkdir()
+        cgroups.set_cpus(version, str(board), 0.25)
+        assert (board / name).read_text().split()[0] == "25000"
+        assert cgroups.cpus_of(version, str(board)) == 0.25
+    assert (tmp_path / "v1" / "cpu.cfs_period_us").read_text().strip() == "100000"
 
 
 def test_sizes_rates_and_delays_parse():
@@ -277,3 +300,41 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.e2e
+def test_cpus_gives_each_board_a_cpu_quota_its_probe_sees(spare_testbed):
+    up = spare_testbed.cli("up", "--boards", "1", "--memory", "300MiB", "--cpus", "0.5", "--delay", "1ms")
+    assert up.returncode == 0, up.stderr
+    rec, b = spare_testbed.record, spare_testbed.board("b0")
+    quota_file = "cpu.cfs_quota_us" if rec["cgroup"]["cpu"]["version"] == 1 else "cpu.max"
+    assert Path(b["cpu_cgroup"], quota_file).read_text().split()[0] == "50000"     # of 100000 us
+    probe = spare_testbed.ssh("b0", f"{_py(spare_testbed)} - --no-torch --workdir {b['workdir']}",
+                              input=BOARD_SCRIPT.read_text())
+    assert probe.returncode == 0, probe.stderr
+    info = json.loads(probe.stdout)
+    assert (info["cpu_quota"], info["cpus_effective"]) == (0.5, 1)
+    assert json.loads(spare_testbed.cli("status", "--json").stdout)["boards"][0]["cpus"] == 0.5
+    assert spare_testbed.cli("down").returncode == 0
+    assert not os.path.exists(b["cpu_cgroup"]) and not os.path.exists(rec["cgroup"]["cpu"]["parent"])
+
+
+@pytest.mark.e2e
+def test_probe_links_measures_the_emulated_rate_and_a_cut_board_writes_nothing(testbed):
+    from helpers import one_line_error, run_cli
+
+    yaml = str(testbed.dir / "cluster.yaml")
+    cache = testbed.dir / ".dsparse" / "probe.json"
+    r = run_cli("-c", yaml, "probe", "--links", "--json", timeout=240)
+    assert r.returncode == 0, r.stderr
+    rates = {b["name"]: b["link_bytes_per_s"] for b in json.loads(r.stdout)["boards"]}
+    rate = 50e6 / 8                                          # conftest.UP_ARGS: --rate 50mbit
+    assert all(0.5 * rate <= v <= 1.1 * rate for v in rates.values()), rates
+    before = cache.read_bytes()
+    try:
+        assert testbed.cli("link", "down", "b1").returncode == 0
+        cut = run_cli("-c", yaml, "--connect-timeout", "3", "probe", "--links", timeout=240)
+    finally:
+        assert testbed.cli("link", "up", "b1").returncode == 0
+    assert cut.returncode == 1 and "b1" in one_line_error(cut)
+    assert cache.read_bytes() == before                      # nothing written

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from _runtime_helpers import make_groups, make_job, make_plan, run_ranks
 from dsparse_cli.runtime.aggregate import GroupedAggregator
 from dsparse_cli.runtime.models import build_model, split_units, unit_buffers, unit_params
+from dsparse_cli.runtime.sparse import apply_plan
 from dsparse_cli.runtime.worker import Trainer
 
 pytestmark = pytest.mark.slow
@@ -128,3 +129,82 @@ def _builtin_average(rank, world, tmp):
 
 def test_builtin_dense_path_averages_inside_groups(tmp_path):
     run_ranks(_builtin_average, 3, str(tmp_path))
+
+
+def _overlapped(rank, world, tmp):
+    """Buckets of one parameter each (32 bytes): the nested plan's two allreduce groups make five
+    buckets on ranks 0-1 and two on rank 2, all launched from the hooks before backward ends."""
+    torch.manual_seed(0)
+    model = build_model("tiny_cnn")
+    units = split_units(model, "tiny_cnn")
+    apply_plan(model, units, NESTED[rank])
+    agg = GroupedAggregator(make_plan(NESTED), rank, model, units, bucket_bytes=32)
+    buckets = agg.overlap.buckets
+    assert len(buckets) == (5 if rank < 2 else 2)
+    torch.manual_seed(100 + rank)  # different data, so different gradients per rank
+    x, y = torch.randn(8, 3, 32, 32, requires_grad=True), torch.randint(0, 10, (8,))
+    during = []  # x's gradient comes last in backward: every bucket is on the wire by then
+    x.register_hook(lambda g: during.append([b.work is not None for b in buckets]))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert during == [[True] * len(buckets)]
+    mine = {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+    gathered = [None] * world
+    dist.all_gather_object(gathered, mine)
+    agg.reduce_gradients()
+    for n, q in model.named_parameters():
+        if n.startswith("classifier"):
+            assert torch.allclose(q.grad, sum(g[n] for g in gathered) / 3, atol=1e-6), n
+        elif n.startswith("features.2") and rank < 2:
+            assert torch.allclose(q.grad, (gathered[0][n] + gathered[1][n]) / 2, atol=1e-6), n
+    assert agg.report()["bytes_sent_per_step"] == pytest.approx(2 * 2 / 3 * 1320 + (18688 if rank < 2 else 0))
+
+    model.zero_grad(set_to_none=True)  # no backward: nothing fired, unused gradients count as zeros
+    if rank == 0:
+        model.classifier.bias.grad = torch.ones(10)
+    agg.reduce_gradients()
+    assert torch.equal(model.classifier.weight.grad, torch.zeros(10, 32))
+    assert torch.allclose(model.classifier.bias.grad, torch.full((10,), 1 / 3))
+
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="after its bucket was all-reduced"):  # never reduce twice
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    agg.reduce_gradients()  # the step completes: every rank launched and waits for the same buckets
+
+
+def test_dense_average_overlaps_backward_in_buckets(tmp_path):
+    run_ranks(_overlapped, 3, str(tmp_path))
+
+
+def _group_intervals(rank, world, tmp):
+    """Broadcast group 2 (unit 2, 0 -> 2) has its own sync_every 2; group 3 (units 0-1, 0 -> 1, 2)
+    takes the plan's 1."""
+    torch.manual_seed(rank)
+    model = build_model("tiny_cnn")
+    units = split_units(model, "tiny_cnn")
+    plan = make_plan(NESTED)
+    plan["groups"][2]["sync_every"] = 2
+    agg = GroupedAggregator(plan, rank, model, units)
+    assert [g.sync_every for g in agg.groups if g.op == "broadcast"] == [2, 1]
+    first = lambda u: unit_params(model, units[u])[0].view(-1)[0].item()  # noqa: E731
+    own_unit2 = first(2)
+    seen = []
+    for step in range(4):
+        if rank == 0:  # the root's weights move every step
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(step + 1)
+        seen.append((agg.after_step(step), first(0), first(2)))
+    if rank == 2:  # unit 0 every step, unit 2 after steps 1 and 3 only
+        assert seen == [(True, 1, own_unit2), (True, 2, 2), (True, 3, 2), (True, 4, 4)]
+    if rank == 1:  # unit 2 is its own (it updates it); units 0-1 come every step
+        assert seen == [(True, s + 1, own_unit2) for s in range(4)]
+    if rank == 0:
+        with torch.no_grad():
+            model.features[2][0].weight.fill_(5)
+    agg.sync_weights()  # before eval and at the end: every group, due or not
+    if rank == 2:
+        assert first(2) == 5
+
+
+def test_broadcast_groups_keep_their_own_interval(tmp_path):
+    run_ranks(_group_intervals, 3, str(tmp_path))

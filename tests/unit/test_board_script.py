@@ -233,3 +233,10 @@ def test_real_cgroup_limit_on_parent_is_found(tmp_path):
     assert out["usable_memory_source"] == "cgroup"
     assert out["usable_memory_bytes"] <= out["cgroup_limit_bytes"]
     assert out["cgroup_usage_bytes"] > 0
+
+
+@pytest.mark.skipif(not shutil.which("taskset"), reason="taskset (util-linux) is not installed")
+def test_effective_cpus_follow_the_affinity():
+    out = run_script(["--no-torch"], prefix=["taskset", "-c", "0"])
+    assert out["cpus_allowed"] == 1 and out["cpus_effective"] == 1
+    assert out["cpus_effective"] == bs.effective_cpus(out["cpus"], out["cpus_allowed"], out["cpu_quota"])

@@ -4,8 +4,10 @@ the weights of DistributedDataParallel on the same data and seed.
 Both runs happen in the same two gloo processes: first the real worker (`Trainer.run`), then a
 plain DDP loop over the same `batches_for` shard. TinyCNN has BatchNorm, so the buffers are
 compared too: the worker broadcasts jointly-updated units' buffers from the group root before
-each forward, which is what DDP(broadcast_buffers=True) does from rank 0. As a control, each rank
-also trains alone on its shard: that must *not* match (the aggregation is what makes it match).
+each forward, which is what DDP(broadcast_buffers=True) does from rank 0. The gradients go in
+buckets of 1 KiB here (TinyCNN would fit one bucket of the default size), so several all_reduces
+overlap backward, as DDP's do. As a control, each rank also trains alone on its shard: that must
+*not* match (the aggregation is what makes it match).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from _runtime_helpers import make_job, make_plan, run_ranks
+from dsparse_cli.runtime import aggregate
 from dsparse_cli.runtime.data import batches_for, load_dataset
 from dsparse_cli.runtime.models import build_model
 from dsparse_cli.runtime.worker import Trainer
@@ -42,6 +45,7 @@ def _reference(rank, world, ddp: bool) -> dict:
 
 
 def _ranks(rank, world, tmp):
+    aggregate.BUCKET_BYTES = 1024  # this process only: the Trainer builds its aggregator with it
     torch.manual_seed(SEED)
     init = {k: v.clone() for k, v in build_model("tiny_cnn").state_dict().items()}
     plan = make_plan([[0, 1, 2, 3]] * world)
@@ -50,8 +54,9 @@ def _ranks(rank, world, tmp):
     trainer = Trainer(plan, job, rank, world)
     trainer.run()
     ours = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-    torch.save({"init": init, "ours": ours, "ddp": _reference(rank, world, ddp=True),
-                "alone": _reference(rank, world, ddp=False)}, f"{tmp}/rank{rank}.pt")
+    torch.save({"init": init, "ours": ours, "buckets": len(trainer.agg.overlap.buckets),
+                "ddp": _reference(rank, world, ddp=True), "alone": _reference(rank, world, ddp=False)},
+               f"{tmp}/rank{rank}.pt")
 
 
 def test_all_units_everywhere_equals_ddp(tmp_path):
@@ -59,6 +64,7 @@ def test_all_units_everywhere_equals_ddp(tmp_path):
     run_ranks(_ranks, world, str(tmp_path))
     res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for r in res:
+        assert r["buckets"] == 4  # 1320, 18688, 4736 and 928 bytes, last units first
         assert r["ours"].keys() == r["ddp"].keys()
         for k in r["ours"]:
             assert torch.allclose(r["ours"][k].float(), r["ddp"][k].float(), atol=1e-5, rtol=0), k

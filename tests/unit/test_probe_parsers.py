@@ -112,6 +112,17 @@ def test_cpu_quota_files():
     assert bs.parse_cgroup_v1_cpu_quota(None, period) is None
 
 
+def test_effective_cpus_takes_affinity_capped_by_the_quota_rounded_down():
+    assert bs.effective_cpus(8, 4, 1.5) == 1          # 1.5 CPUs keep one core busy, not two
+    assert bs.effective_cpus(8, 4, None) == 4         # no quota: the affinity
+    assert bs.effective_cpus(8, 4, 0.5) == 1          # at least 1
+    assert bs.effective_cpus(8, None, None) == 8      # no affinity call: the machine's count
+    assert bs.effective_cpus(8, 2, 3.0) == 2
+    assert bs.effective_cpus(None, None, None) is None
+    info = parse_probe_output("b0", _probe_json(cpus=8, cpus_allowed=4, cpu_quota=1.5, cpus_effective=1))
+    assert info.cpus_effective == 1 and info.cpu_quota == 1.5
+
+
 def test_proc_self_cgroup_v1_v2_docker():
     v1 = bs.parse_proc_self_cgroup(text("proc_self_cgroup_v1.txt"))
     assert v1["v1"]["memory"] == "/user.slice/user-1000.slice/session-4.scope"

@@ -15,7 +15,7 @@ from dsparse_cli.probing.parse import DeviceInfo
 HOST_KEY_ERROR = ("host key for 192.168.100.23:22 is not known (run `ssh-keyscan -p 22 192.168.100.23 "
                   ">> ~/.ssh/known_hosts` or pass --accept-new-host-keys)")
 PROBE_ALL = ["board", "kind", "model", "arch", "cpus", "mem total", "available", "cgroup limit", "usable",
-             "torch", "address"]
+             "torch", "address", "link"]
 BOARD_ALL = ["board", "state", "epoch", "step", "loss", "acc", "samples/s", "peak / budget", "agg ms/step",
              "bytes/step", "hb age"]
 
