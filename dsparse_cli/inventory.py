@@ -330,7 +330,7 @@ def _resolve(b: dict, line: int, d: dict, lookup, path: Path) -> Target:
                   b.get("user") or ssh.get("user") or d.get("user"), [identity] if identity else [],
                   ssh.get("proxycommand"), b.get("python") or d.get("python") or DEFAULT_PYTHON,
                   b.get("workdir") or d.get("workdir") or DEFAULT_WORKDIR, False, limit, iface, kind, known_hosts, error,
-                  b.get("data_dir") or d.get("data_dir"), **_shared(b, d))
+                  b.get("data_dir") or d.get("data_dir"), training_memory=b.get("training_memory"), **_shared(b, d))
 
 
 def _shared(b: dict, d: dict) -> dict:

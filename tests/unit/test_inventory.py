@@ -247,3 +247,9 @@ def test_bad_link_and_threads_are_one_line_each(tmp_path):
     lines = str(err.value).splitlines()
     assert len(lines) == 2
     assert "link fast is not a link rate" in lines[0] and "threads must be a whole number" in lines[1]
+
+
+def test_training_memory_holds_for_ssh_boards_too(tmp_path):
+    inv = load_inventory(write(tmp_path, "boards:\n  - {name: a, host: 10.0.0.1, training_memory: 80MiB}\n"
+                               "  - {name: b, local: true, training_memory: 40MiB}\n"))
+    assert [b.training_memory for b in inv.boards] == [80 * 2**20, 40 * 2**20]
