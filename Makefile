@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv install demo test test-fast clean
+.PHONY: venv install demo test test-fast bench bench-smoke clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,14 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not e2e" $(PYTEST_ARGS)
+
+# dsparse against torchrun + DDP (and PowerSGD) on local boards: bench/results/edge.{json,md}.
+bench: $(STAMP)
+	$(PY) bench/edge.py
+
+# The same, 2 boards x tiny_cnn x 4 steps, every method (tests/unit/test_bench_edge.py runs it too).
+bench-smoke: $(STAMP)
+	$(PY) bench/edge.py --smoke
 
 clean:
 	rm -rf .dsparse .pytest_cache

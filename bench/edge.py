@@ -1,0 +1,319 @@
+"""dsparse against real DDP on the wire (issue "Beat DDP on the wire", item 5).
+
+    python bench/edge.py                # 4 boards, mobilenet_v2, 60 steps; table + bench/results/edge.{json,md}
+    python bench/edge.py --smoke        # 2 boards, tiny_cnn, 4 steps, every method (`make bench-smoke`)
+    python bench/edge.py --json         # the results JSON only
+
+Five methods, each with the same seed, digits shards, per-board batch, learning rate (dsparse's
+default, cosine over the run) and number of steps:
+
+* ddp: `torchrun` + `torch.nn.parallel.DistributedDataParallel` (bench/peers/ddp_train.py).
+* ddp_powersgd: the same with PowerSGD rank 1 (start_powerSGD_iter=2, one gloo group per bucket).
+* dsparse_memory: `dsparse plan --objective memory`, then `dsparse train`.
+* dsparse_time: `dsparse plan --objective time --sync-every 4`, then `dsparse train`.
+* dsparse_time_pbgc: that plan, `dsparse train --compression pbgc`.
+
+The dsparse boards are `local: true` boards in a scratch cluster.yaml with `link:` (--link,
+default 100mbit for all; on local boards only a planning input: with equal links the time plan
+can come out as the memory plan, `--link 1gbit,20mbit` deals mixed rates to b0, b1, ...).
+Their memory limits are graded from a full update down to ~15 % of the training memory above
+the planner's minimum (a first plan with room for everything gives both), so the memory plan
+nests instead of being DDP under another name. For a model as small as tiny_cnn the limits'
+slack exceeds that range and every board trains everything.
+The peers run on 127.0.0.1 with `torchrun --nproc-per-node N`.
+
+Figures per method and board: step_ms (training time / steps: forward, backward, aggregation,
+optimizer step; evaluation and start-up excluded), agg_ms_per_step (dsparse only: the time
+aggregation held the step up; DDP overlaps its all-reduce with the backward and is not split
+here), bytes_sent_per_step (each board's link, ring all-reduce model 2(n-1)/n x payload for
+all-reduces, as dsparse's aggregator counts its own), peak_process_bytes (peak RSS of the
+training process; torchrun's agent and dsparse's launcher not included), peak_training_bytes
+(dsparse: above the worker's RSS before the first step), final accuracy on the digits test
+split, and wall_s (the whole command, start-up included).
+
+Not done yet: running the peers and the boards over SSH on the emulated testbed
+(`scripts/edge-testbed`, docs/testbed.md), where `link:` is a real shaped rate; here every
+process shares this machine and loopback, so times measure compute contention, not links.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+from _runner import BenchError, dsparse, free_port, json_of, tail  # noqa: E402
+from compression import board_summaries  # noqa: E402
+
+METHODS = ("ddp", "ddp_powersgd", "dsparse_memory", "dsparse_time", "dsparse_time_pbgc")
+PEER = REPO / "bench" / "peers" / "ddp_train.py"
+SMOKE = {"boards": 2, "model": "tiny_cnn", "steps": 4}
+
+
+# --- set-up ------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--boards", type=int, default=4)
+    p.add_argument("--model", default="mobilenet_v2")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="per board")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=None, help="default: dsparse train's")
+    p.add_argument("--link", default="100mbit",
+                   help="the boards' link: in cluster.yaml (planning input); a comma list is dealt to b0, b1, ... "
+                        "in turn, e.g. 1gbit,20mbit")
+    p.add_argument("--sync-every", type=int, default=4, help="--objective time's broadcast period")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--smoke", action="store_true", help="2 boards, tiny_cnn, 4 steps, every method")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per command")
+    p.add_argument("--out", type=Path, default=None, help="results JSON, the markdown table next to it as .md "
+                   "(default bench/results/edge.json; edge-smoke.json with --smoke, so a smoke never overwrites a run)")
+    p.add_argument("--workdir", type=Path, default=None, help="scratch dir (default: a temp dir, removed)")
+    p.add_argument("--json", action="store_true", help="print the results JSON only")
+    a = p.parse_args(argv)
+    if a.smoke:
+        for k, v in SMOKE.items():
+            setattr(a, k, v)
+    if a.out is None:
+        a.out = REPO / "bench" / "results" / ("edge-smoke.json" if a.smoke else "edge.json")
+    if a.lr is None:
+        from dsparse_cli.contract import JobSpec
+        a.lr = JobSpec().lr
+    a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    bad = [m for m in a.methods if m not in METHODS]
+    if bad or not a.methods:
+        p.error(f"unknown method {bad[0] if bad else '(none given)'}; choose from {', '.join(METHODS)}")
+    if a.boards < 2:
+        p.error("--boards must be at least 2")
+    return a
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def epochs_for(args) -> int:
+    """dsparse train counts epochs; enough of them that --max-steps is what stops it."""
+    from dsparse_cli.runtime import data as datamod
+    n_train = datamod.load_dataset("digits", image_size=8).train.size
+    spe = datamod.steps_per_epoch(n_train, args.boards, args.batch_size)
+    if spe < 1:
+        raise BenchError(f"digits is too small for {args.boards} boards at batch {args.batch_size}")
+    return math.ceil(args.steps / spe)
+
+
+# --- the DDP peers -----------------------------------------------------------------------
+def run_peer(args, work: Path, method: str) -> dict:
+    out = work / f"{method}.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.boards),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(PEER),
+           "--model", args.model, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
+           "--steps", str(args.steps), "--seed", str(args.seed), "--lr", str(args.lr), "--out", str(out)]
+    if method == "ddp_powersgd":
+        cmd.append("--powersgd")
+    t0 = time.time()
+    res = _run(cmd, work, args.timeout)
+    wall = time.time() - t0
+    if res.returncode != 0 or not out.exists():
+        raise BenchError(f"torchrun {method} exited {res.returncode}: {tail(res.stderr, 6)}")
+    ranks = json.loads(out.read_text())["ranks"]
+    boards = [{"name": f"rank{r['rank']}", "step_ms": r["step_ms"], "step_ms_median": r["step_ms_median"],
+               "agg_ms_per_step": None, "bytes_sent_per_step": r["bytes_sent_per_step"],
+               "last_step_bytes_sent": r["last_step_bytes_sent"], "buffer_bytes_per_step": r["buffer_bytes_per_step"],
+               "gradient_bytes": r["gradient_bytes"], "peak_process_bytes": r["peak_process_bytes"],
+               "peak_training_bytes": None, "steps": r["steps"], "train_s": r["train_s"]} for r in ranks]
+    return method_row(method, boards, ranks[0]["accuracy"], wall)
+
+
+def _run(cmd: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """Run in its own session so a timeout stops torchrun and every rank it started."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise BenchError(f"{Path(cmd[-1]).name} ran past {timeout:.0f}s and was stopped") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+# --- dsparse -----------------------------------------------------------------------------
+def write_cluster(args, work: Path, limits: list) -> Path:
+    links = [x.strip() for x in args.link.split(",") if x.strip()]
+    lines = ["name: bench-edge", "master:", "  addr: 127.0.0.1", f"  port: {free_port()}", "boards:"]
+    lines += [f"  - {{name: b{i}, local: true, memory_limit: {lim}, link: {links[i % len(links)]}}}"
+              for i, lim in enumerate(limits)]
+    path = work / "cluster.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def plan(args, work: Path, cluster: Path, objective: str) -> dict:
+    argv = ["plan", "--cluster", str(cluster), "--model", args.model, "--batch-size", str(args.batch_size),
+            "--image-size", str(args.image_size), "--objective", objective, "--json"]
+    if objective == "time":
+        argv += ["--sync-every", str(args.sync_every)]
+    res = dsparse(argv, work, args.timeout)
+    if res.returncode != 0:
+        raise BenchError(f"dsparse plan --objective {objective} failed (exit {res.returncode}): {tail(res.stderr)}")
+    return json_of(res, "dsparse plan")
+
+
+def graded_cluster(args, work: Path) -> Path:
+    """Plan once with room for everything, then grade the limits (see the docstring)."""
+    first = plan(args, work, write_cluster(args, work, ["8GiB"] * args.boards), "memory")
+    return write_cluster(args, work, graded_limits(first, args.boards))
+
+
+def graded_limits(plan: dict, n: int, slack_mib: int = 8) -> list[str]:
+    """From a full update down to 15 % of the training memory above the minimum, launcher
+    included; `slack_mib` absorbs the base the next plan measures afresh."""
+    extra = int(plan.get("launcher_bytes") or 0)
+    lo = int(plan["min_peak_bytes"]) + extra
+    hi = max(int(d["full_update_peak_bytes"]) for d in plan["devices"]) + extra
+    keep = 1 - float(plan.get("headroom", 0.15))
+    return [f"{math.ceil((lo + (1.0 - 0.85 * i / (n - 1)) * (hi - lo)) / keep / 2**20) + slack_mib}MiB"
+            for i in range(n)]
+
+
+def run_dsparse(args, work: Path, cluster: Path, method: str, epochs: int) -> dict:
+    """Train under the plan `dsparse plan` just wrote to the state dir."""
+    argv = ["train", "--cluster", str(cluster), "--dataset", "digits", "--epochs", str(epochs),
+            "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--seed", str(args.seed),
+            "--lr", str(args.lr), "--master-port", str(free_port()), "--json"]
+    if method.endswith("_pbgc"):
+        argv += ["--compression", "pbgc"]
+    t0 = time.time()
+    res = dsparse(argv, work, args.timeout)
+    wall = time.time() - t0
+    if res.returncode != 0:
+        raise BenchError(f"dsparse train ({method}) failed (exit {res.returncode}): "
+                         f"{tail(res.stdout if res.stdout.strip().startswith('{') else res.stderr)}")
+    summary = json_of(res, f"dsparse train ({method})")
+    boards = [{"name": d["name"], "step_ms": 1000 * d["train_s"] / max(1, d["steps"]), "step_ms_median": None,
+               "agg_ms_per_step": d.get("agg_ms_per_step"), "bytes_sent_per_step": d.get("bytes_sent_per_step"),
+               "updated_units": d.get("updated_units"), "peak_process_bytes": d.get("peak_process_bytes"),
+               "peak_training_bytes": d.get("peak_memory_bytes"), "steps": d["steps"], "train_s": d["train_s"]}
+              for d in board_summaries(work, summary)]
+    return method_row(method, boards, summary.get("accuracy"), wall)
+
+
+# --- figures -----------------------------------------------------------------------------
+def method_row(method: str, boards: list[dict], accuracy, wall: float) -> dict:
+    """The slowest board sets a synchronous step, the busiest link the wire time."""
+    def most(key):
+        vals = [b[key] for b in boards if b.get(key) is not None]
+        return max(vals) if vals else None
+    return {"name": method, "step_ms": most("step_ms"), "agg_ms_per_step": most("agg_ms_per_step"),
+            "max_bytes_sent_per_step": most("bytes_sent_per_step"),
+            "total_bytes_sent_per_step": sum(b["bytes_sent_per_step"] or 0.0 for b in boards),
+            "peak_process_bytes": most("peak_process_bytes"), "peak_training_bytes": most("peak_training_bytes"),
+            "final_accuracy": accuracy, "steps": boards[0]["steps"], "wall_s": wall, "boards": boards}
+
+
+def run_all(args, work: Path) -> tuple[list[dict], list[dict], dict]:
+    rows, failures, plans = [], [], {}
+    epochs = epochs_for(args)
+    cluster = None
+    for method in args.methods:
+        log(f"{method} ...")
+        try:
+            if method.startswith("ddp"):
+                rows.append(run_peer(args, work, method))
+            else:
+                cluster = cluster or graded_cluster(args, work)
+                objective = "memory" if method == "dsparse_memory" else "time"
+                if method != "dsparse_time_pbgc" or plans.get("current") != "time":
+                    p = plan(args, work, cluster, objective)
+                    plans["current"], plans[objective] = objective, _plan_brief(p)
+                rows.append(run_dsparse(args, work, cluster, method, epochs))
+        except BenchError as exc:
+            failures.append({"name": method, "error": str(exc)})
+            log(f"  {method}: {exc}")
+            continue
+        r = rows[-1]
+        log(f"  {method}: {r['step_ms']:.0f} ms/step, {_size(r['max_bytes_sent_per_step'])}/step, "
+            f"accuracy {_fmt(r['final_accuracy'], '{:.4f}')}, {r['wall_s']:.0f}s")
+    plans.pop("current", None)
+    return rows, failures, plans
+
+
+def _plan_brief(p: dict) -> dict:
+    return {"groups": [{"op": g["op"], "ranks": g["ranks"], "units": len(g["units"])} for g in p["groups"]],
+            "predicted_agg_s_per_step": p.get("predicted_agg_s_per_step"),
+            "ddp_agg_s_per_step": p.get("ddp_agg_s_per_step")}
+
+
+# --- output ------------------------------------------------------------------------------
+def markdown(doc: dict) -> str:
+    c = doc["config"]
+    head = (f"{c['model']} on digits, {c['boards']} local boards x batch {c['batch_size']}, {c['steps']} steps, "
+            f"seed {c['seed']}, lr {c['lr']:g}, link {c['link']} (planning input)\n\n")
+    cols = ["method", "step ms", "agg ms/step", "sent/step (busiest board)", "sent/step (all boards)",
+            "peak RSS", "final accuracy", "wall s"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in doc["methods"]:
+        cells = [r["name"], _fmt(r["step_ms"], "{:.1f}"), _fmt(r["agg_ms_per_step"], "{:.1f}"),
+                 _size(r["max_bytes_sent_per_step"]), _size(r["total_bytes_sent_per_step"]),
+                 _size(r["peak_process_bytes"]), _fmt(r["final_accuracy"], "{:.2%}"), _fmt(r["wall_s"], "{:.0f}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    fails = [f"\nfailed: {f['name']}: {f['error']}" for f in doc["failed"]]
+    return head + "\n".join(lines) + "\n" + "".join(fails)
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else spec.format(v)
+
+
+def _size(n) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="dsparse-bench-edge-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    try:
+        log(f"{args.model}, {args.boards} local boards, {args.steps} steps, in {work}")
+        rows, failures, plans = run_all(args, work)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    doc = {"methods": rows, "failed": failures, "plans": plans, "config": {
+        "dataset": "digits", "model": args.model, "image_size": args.image_size, "boards": args.boards,
+        "batch_size": args.batch_size, "steps": args.steps, "seed": args.seed, "lr": args.lr, "link": args.link,
+        "sync_every": args.sync_every, "smoke": args.smoke, "host_cpus": os.cpu_count(),
+        "bench_s": time.time() - t0, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    table = markdown(doc)
+    args.out.with_suffix(".md").write_text(table)
+    print(json.dumps(doc, indent=2) if args.json else table)
+    log(f"wrote {args.out} and {args.out.with_suffix('.md')} in {time.time() - t0:.0f}s")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

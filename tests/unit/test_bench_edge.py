@@ -1,0 +1,60 @@
+"""`make bench-smoke`: bench/edge.py --smoke end to end (torchrun + DDP, DDP + PowerSGD, and
+`dsparse plan`/`train` on 2 local boards, tiny_cnn, 4 steps); every method reports figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "bench" / "edge.py"
+METHODS = ["ddp", "ddp_powersgd", "dsparse_memory", "dsparse_time", "dsparse_time_pbgc"]
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench-edge")
+    out = tmp / "results" / "edge.json"
+    res = subprocess.run([sys.executable, str(BENCH), "--smoke", "--workdir", str(tmp / "work"), "--out", str(out),
+                          "--json"], capture_output=True, text=True, timeout=540, cwd=tmp)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return json.loads(res.stdout), out
+
+
+def test_every_method_ran_with_a_finite_step_time_and_an_accuracy(smoke):
+    doc, _ = smoke
+    assert doc["failed"] == []
+    assert [m["name"] for m in doc["methods"]] == METHODS
+    for m in doc["methods"]:
+        assert math.isfinite(m["step_ms"]) and m["step_ms"] > 0, m["name"]
+        assert 0.0 <= m["final_accuracy"] <= 1.0, m["name"]
+        assert m["steps"] == 4 and len(m["boards"]) == 2, m["name"]
+        assert all(b["bytes_sent_per_step"] > 0 for b in m["boards"]), m["name"]  # 2 boards: all talk
+
+
+def test_ddp_bytes_are_the_ring_model_and_powersgd_sends_fewer(smoke):
+    doc, _ = smoke
+    by = {m["name"]: m for m in doc["methods"]}
+    n = doc["config"]["boards"]
+    for b in by["ddp"]["boards"]:
+        assert b["bytes_sent_per_step"] == pytest.approx(2 * (n - 1) / n * b["gradient_bytes"])
+    assert by["ddp_powersgd"]["max_bytes_sent_per_step"] < by["ddp"]["max_bytes_sent_per_step"]
+    # past its 2 warm-up steps PowerSGD sends less still
+    assert by["ddp_powersgd"]["boards"][0]["last_step_bytes_sent"] < by["ddp_powersgd"]["max_bytes_sent_per_step"]
+
+
+def test_dsparse_reports_aggregation_time_and_results_are_written(smoke):
+    doc, out = smoke
+    for m in doc["methods"]:
+        if m["name"].startswith("dsparse"):
+            assert m["agg_ms_per_step"] >= 0 and m["peak_process_bytes"] > 0
+    assert json.loads(out.read_text())["methods"] == doc["methods"]
+    table = out.with_suffix(".md").read_text()
+    assert all(f"| {name} |" in table for name in METHODS)
