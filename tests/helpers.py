@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +18,15 @@ def run_cli(*args: str, cwd: Path | str | None = None, timeout: float = 300, env
     full_env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "dsparse_cli", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=full_env, input=input)
+
+
+def seed_profile(profile: Path, state_dir: Path) -> Path:
+    """Put a measured profile (conftest's `tiny_cnn_profile`) into `state_dir`'s cache, where `dsparse
+    plan` looks for it before measuring: the plan is the same, the measuring is not repeated."""
+    dest = Path(state_dir) / "profiles" / Path(profile).name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(profile, dest)
+    return dest
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:

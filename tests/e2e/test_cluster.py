@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from edge_testbed import Testbed, require_testbed, running_testbed
-from helpers import one_line_error, run_cli, wait_for
+from helpers import one_line_error, run_cli, seed_profile, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -60,9 +60,10 @@ def up_args(boards: int, memory_mib: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, tiny_cnn_profile):
     require_testbed()
     d = tmp_path_factory.mktemp("cluster4")
+    seed_profile(tiny_cnn_profile, d / ".dsparse")   # measured once for the session: read here and by `plan`
     _, full = predicted_needs(d / ".dsparse", 16)
     limit_mib = int(full / MiB / (1 - HEADROOM) + ROOM_MIB)
     with running_testbed(d, *up_args(len(BOARDS), limit_mib)) as tb:

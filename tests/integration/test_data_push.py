@@ -13,7 +13,7 @@ import pytest
 from dsparse_cli.jobs import datapush
 from dsparse_cli.runtime import imagefolder
 from dsparse_cli.runtime.imagefolder import scan, shard
-from helpers import make_digits_imagefolder, one_line_error, run_cli
+from helpers import make_digits_imagefolder, one_line_error, run_cli, seed_profile
 
 CLUSTER = """name: local2
 boards:
@@ -23,11 +23,13 @@ boards:
 
 
 @pytest.fixture(scope="module")
-def planned(tmp_path_factory) -> Path:
-    """cluster.yaml (board a with its own data_dir, b with the default) and a plan."""
+def planned(tmp_path_factory, tiny_cnn_profile) -> Path:
+    """cluster.yaml (board a with its own data_dir, b with the default) and a plan (what a push
+    reads from it: the boards' ranks and the model's classes), from the session's profile."""
     d = tmp_path_factory.mktemp("push")
     (d / "cluster.yaml").write_text(CLUSTER.format(a_data=d / "a-data"))
-    proc = run_cli("plan", "--model", "tiny_cnn", "--batch-size", "8", "--image-size", "16", "--json", cwd=d)
+    seed_profile(tiny_cnn_profile, d / ".dsparse")
+    proc = run_cli("plan", "--model", "tiny_cnn", "--batch-size", "16", "--json", cwd=d)
     assert proc.returncode == 0, proc.stderr
     make_digits_imagefolder(d / "digits", per_class=9)
     return d

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import one_line_error, run_cli
+from helpers import one_line_error, run_cli, seed_profile
 
 pytestmark = pytest.mark.slow
 
@@ -37,12 +37,15 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def planned(tmp_path_factory) -> Path:
-    """A directory with cluster.yaml and a plan (the profile is measured once for the module)."""
+def planned(tmp_path_factory, tiny_cnn_profile) -> Path:
+    """A directory with cluster.yaml and a plan (from the profile measured once for the session)."""
     d = tmp_path_factory.mktemp("local2")
     (d / "cluster.yaml").write_text(CLUSTER.format(port=free_port()))
+    seed_profile(tiny_cnn_profile, d / ".dsparse")
     proc = run_cli(*PLAN, "--json", cwd=d)
     assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["profile_key"] == tiny_cnn_profile.stem, \
+        "the plan measured a profile of its own: conftest.TINY_CNN_PROFILE no longer matches `dsparse plan`"
     return d
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import one_line_error, run_cli, wait_for
+from helpers import one_line_error, run_cli, seed_profile, wait_for
 from sshd import SSHDUnavailable, SSHServer, free_port, start_sshd
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
@@ -68,9 +68,11 @@ def _start_servers(d: Path) -> list[SSHServer]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """Three sshd boards in one cluster.yaml (the first test probes and plans them)."""
+def cluster(tmp_path_factory, tiny_cnn_profile):
+    """Three sshd boards in one cluster.yaml (the first test probes and plans them, from the
+    profile measured once for the session)."""
     d = tmp_path_factory.mktemp("train_ssh")
+    seed_profile(tiny_cnn_profile, d / ".dsparse")
     servers = _start_servers(d)
     # b2's workdir is relative to the login's home: every path must resolve `~` over SSH.
     home = Path(pwd.getpwnam(servers[0].user).pw_dir)  # what sshd gives the login, not $HOME

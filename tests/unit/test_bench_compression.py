@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import seed_profile
+
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench" / "compression.py"
 
@@ -18,9 +20,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
-def bench_run(tmp_path_factory):
+def bench_run(tmp_path_factory, tiny_cnn_profile):
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "results" / "compression.json"
+    seed_profile(tiny_cnn_profile, tmp / "work" / ".dsparse")   # its `dsparse plan` finds the session's profile
     res = subprocess.run([sys.executable, str(BENCH), "--boards", "2", "--model", "tiny_cnn", "--batch-size", "16",
                           "--epochs", "1", "--max-steps", "3", "--workdir", str(tmp / "work"), "--out", str(out),
                           "--json"], capture_output=True, text=True, timeout=840, cwd=tmp)

@@ -1,6 +1,7 @@
 """Measured profile of a real model and `dsparse plan --verify`: a real training step per device in
-a fresh subprocess, measured memory next to predicted. Two subprocess kinds: the profiler and the
-verify step (tiny_cnn, small batch, so this stays a few seconds)."""
+a fresh subprocess, measured memory next to predicted. Two subprocess kinds: the profiler (run once
+for the session by conftest.py's `tiny_cnn_profile`) and the verify step (tiny_cnn, small batch, so
+this stays a few seconds)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dsparse_cli.planning import plan_cluster, write_plan
 from dsparse_cli.planning.planfile import load_plan
 from dsparse_cli.planning.profile import get_profile, training_bytes
 from dsparse_cli.planning.verify import merge_verify, verify_plan
+from helpers import seed_profile
 
 pytest.importorskip("torch")
 
@@ -20,8 +22,11 @@ TOLERANCE_PCT = 15
 
 
 @pytest.fixture(scope="module")
-def state_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("state")
+def state_dir(tmp_path_factory, tiny_cnn_profile):
+    """A state dir whose cache holds tiny_cnn's profile, measured once for the session (conftest.py)."""
+    state = tmp_path_factory.mktemp("state")
+    seed_profile(tiny_cnn_profile, state)
+    return state
 
 
 @pytest.fixture(scope="module")
