@@ -163,7 +163,7 @@ class Follower:
         deadline = time.monotonic() + SETTLE_S
         while time.monotonic() < deadline:
             state, _ = self._poll_one(run)
-            if state is None or not state.alive:
+            if state is None or not state.alive or state.worker_stopped:   # a stopped worker logs nothing
                 return
             time.sleep(0.5)
 

@@ -44,6 +44,7 @@ def stop_board(transport: Transport, run: BoardRun, grace_s: float = GRACE_S) ->
     groups = run.process_groups()
     for g in groups:
         transport.signal(g, signal.SIGTERM)
+        transport.signal(g, signal.SIGCONT)   # a stopped (hung) worker handles SIGTERM only once resumed
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline and any(transport.alive(g) for g in groups):
         time.sleep(0.2)

@@ -628,8 +628,15 @@ try:
     import torch.distributed as dist
     out["gloo"] = bool(dist.is_available() and dist.is_gloo_available())
     try:
-        import torchvision
-        out["torchvision"] = torchvision.__version__
+        try:
+            from importlib import metadata  # the version without the import (seconds on a Pi)
+        except ImportError:  # Python < 3.8
+            metadata = None
+        if metadata:
+            out["torchvision"] = metadata.version("torchvision")
+        else:
+            import torchvision
+            out["torchvision"] = torchvision.__version__
     except Exception as e:
         out["error"] = "torchvision: %s: %s" % (type(e).__name__, e)
     if torch.cuda.is_available():
