@@ -5,12 +5,12 @@
   link rate. With `--allow-frozen` (fine-tuning from weights) the start is every board training
   the last k units that every board can hold, the rest frozen everywhere: one allreduce, nothing
   to broadcast. Otherwise the start is the memory plan, and every unit it trains stays trained
-  by some board. From the start, the boards on the slower links train fewer units where that cuts the predicted time by at least MIN_GAIN
-  (a slow link stops carrying allreduces, 2(n-1)/n of the bytes each way, that it can receive
-  as one broadcast instead), as long as every unit keeps at least half the boards that trained
-  it (KEEP_TRAINERS).
-  Broadcast intervals are chosen per group (`schedule.py`, `intervals="wire"`).
-  Compute time is not modelled: a board training fewer units also runs a shorter backward.
+  by some board. From the start, the boards on the slower links train fewer units where that
+  cuts the predicted time by at least MIN_GAIN (a slow link stops carrying allreduces, 2(n-1)/n
+  of the bytes each way, that it can receive as one broadcast instead), as long as every unit
+  keeps at least half the boards that trained it (KEEP_TRAINERS). Broadcast intervals are
+  chosen per group (`schedule.py`, `intervals="wire"`). Compute time is not modelled: a board
+  training fewer units also runs a shorter backward.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Aggregation groups from per-device unit sets (the plan file's `groups`).
 
 For each distinct device-set S (the ranks that update exactly the same units):
-* `allreduce` over S's ranks, only when |S| > 1: the units' gradients, one flat fp32 bucket;
-  bytes_per_step = the units' parameter bytes.
+* `allreduce` over S's ranks, only when |S| > 1: the units' gradients (in buckets overlapped with
+  backward, `runtime/aggregate.py`); bytes_per_step = the units' parameter bytes.
 * `broadcast` from S's root to every rank outside S (they run those units forward only), every
   `sync_every` steps (the group's own); bytes_per_step = (parameter + buffer bytes) / sync_every.
 
