@@ -107,13 +107,16 @@ def run_plan(args, work: Path, cluster: Path) -> dict:
     return json_of(res, "dsparse plan")
 
 
-def sparse_limits(plan: dict, n: int) -> list[int]:
-    """Memory limits from a full update down to ~15 % of the training memory on top of the
-    minimum the planner accepts: the planner then nests the boards' unit sets."""
-    lo = int(plan["min_peak_bytes"])
-    hi = max(int(d["full_update_peak_bytes"]) for d in plan["devices"])
-    fractions = [1.0 - 0.85 * i / (n - 1) for i in range(n)]
-    return [math.ceil((lo + f * (hi - lo)) / (1 - HEADROOM)) + (1 << 20) for f in fractions]
+def sparse_limits(plan: dict, n: int, slack_mib: int = 8) -> list[str]:
+    """Memory limits from a full update down to 15 % of the training memory above the minimum the
+    planner accepts, launcher included: the planner then nests the boards' unit sets. `slack_mib`
+    absorbs the base the next plan measures afresh."""
+    extra = int(plan.get("launcher_bytes") or 0)
+    lo = int(plan["min_peak_bytes"]) + extra
+    hi = max(int(d["full_update_peak_bytes"]) for d in plan["devices"]) + extra
+    keep = 1 - float(plan.get("headroom", HEADROOM))
+    return [f"{math.ceil((lo + (1.0 - 0.85 * i / (n - 1)) * (hi - lo)) / keep / 2**20) + slack_mib}MiB"
+            for i in range(n)]
 
 
 def train_argv(args, cluster: Path, method: str) -> list[str]:

@@ -53,7 +53,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 from _runner import BenchError, dsparse, free_port, json_of, tail  # noqa: E402
-from compression import board_summaries  # noqa: E402
+from compression import board_summaries, sparse_limits  # noqa: E402
 
 METHODS = ("ddp", "ddp_powersgd", "dsparse_memory", "dsparse_time", "dsparse_time_pbgc")
 PEER = REPO / "bench" / "peers" / "ddp_train.py"
@@ -175,18 +175,7 @@ def plan(args, work: Path, cluster: Path, objective: str) -> dict:
 def graded_cluster(args, work: Path) -> Path:
     """Plan once with room for everything, then grade the limits (see the docstring)."""
     first = plan(args, work, write_cluster(args, work, ["8GiB"] * args.boards), "memory")
-    return write_cluster(args, work, graded_limits(first, args.boards))
-
-
-def graded_limits(plan: dict, n: int, slack_mib: int = 8) -> list[str]:
-    """From a full update down to 15 % of the training memory above the minimum, launcher
-    included; `slack_mib` absorbs the base the next plan measures afresh."""
-    extra = int(plan.get("launcher_bytes") or 0)
-    lo = int(plan["min_peak_bytes"]) + extra
-    hi = max(int(d["full_update_peak_bytes"]) for d in plan["devices"]) + extra
-    keep = 1 - float(plan.get("headroom", 0.15))
-    return [f"{math.ceil((lo + (1.0 - 0.85 * i / (n - 1)) * (hi - lo)) / keep / 2**20) + slack_mib}MiB"
-            for i in range(n)]
+    return write_cluster(args, work, sparse_limits(first, args.boards))
 
 
 def run_dsparse(args, work: Path, cluster: Path, method: str, epochs: int) -> dict:
