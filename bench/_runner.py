@@ -44,6 +44,16 @@ def dsparse(argv: list[str], cwd: Path, timeout: float) -> subprocess.CompletedP
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def check_methods(parser, args, methods) -> None:
+    """`args.methods` (comma list) -> a checked list; an unknown one or fewer than 2 boards is a usage error."""
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in args.methods if m not in methods]
+    if bad or not args.methods:
+        parser.error(f"unknown method {bad[0] if bad else '(none given)'}; choose from {', '.join(methods)}")
+    if args.boards < 2:
+        parser.error("--boards must be at least 2 (aggregation needs someone to talk to)")
+
+
 def tail(text: str, n: int = 3) -> str:
     return " | ".join((text or "").strip().splitlines()[-n:]) or "(no output)"
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
-from _runner import BenchError, dsparse, free_port, json_of, tail  # noqa: E402
+from _runner import BenchError, check_methods, dsparse, free_port, json_of, tail  # noqa: E402
 METHODS = ("none", "fp16", "topk", "pbgc")
 TARGET_RATIO = 37.1   # PBGC's best reported compression (Guo et al. 2021)
 AIM_RATIO = 100.0
@@ -65,12 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=None, help="scratch dir (default: a temp dir, removed)")
     p.add_argument("--json", action="store_true", help="print the results JSON only")
     a = p.parse_args(argv)
-    a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    bad = [m for m in a.methods if m not in METHODS]
-    if bad or not a.methods:
-        p.error(f"unknown method {bad[0] if bad else '(none given)'}; choose from {', '.join(METHODS)}")
-    if a.boards < 2:
-        p.error("--boards must be at least 2 (compression needs someone to talk to)")
+    check_methods(p, a, METHODS)
     return a
 
 

@@ -52,8 +52,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
-from _runner import BenchError, dsparse, free_port, json_of, tail  # noqa: E402
-from compression import board_summaries, sparse_limits  # noqa: E402
+from _runner import BenchError, check_methods, dsparse, free_port, json_of, tail  # noqa: E402
+from compression import _fmt, board_summaries, sparse_limits  # noqa: E402
+
+from dsparse_cli.sizes import format_size as _size  # noqa: E402
 
 METHODS = ("ddp", "ddp_powersgd", "dsparse_memory", "dsparse_time", "dsparse_time_pbgc")
 PEER = REPO / "bench" / "peers" / "ddp_train.py"
@@ -90,12 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.lr is None:
         from dsparse_cli.contract import JobSpec
         a.lr = JobSpec().lr
-    a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    bad = [m for m in a.methods if m not in METHODS]
-    if bad or not a.methods:
-        p.error(f"unknown method {bad[0] if bad else '(none given)'}; choose from {', '.join(METHODS)}")
-    if a.boards < 2:
-        p.error("--boards must be at least 2")
+    check_methods(p, a, METHODS)
     return a
 
 
@@ -261,19 +258,6 @@ def markdown(doc: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     fails = [f"\nfailed: {f['name']}: {f['error']}" for f in doc["failed"]]
     return head + "\n".join(lines) + "\n" + "".join(fails)
-
-
-def _fmt(v, spec: str) -> str:
-    return "-" if v is None else spec.format(v)
-
-
-def _size(n) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
 
 
 def main(argv=None) -> int:
