@@ -88,7 +88,7 @@ def probe_table(cluster: str, infos) -> Group:
                   format_size(i.mem_total_bytes), format_size(i.mem_available_bytes),
                   format_size(i.cgroup_limit_bytes), f"[bold]{format_size(i.usable_memory_bytes)}[/]",
                   i.torch or "[yellow]missing[/]", f"{i.address or '-'} ({i.iface or '-'})",
-                  format_rate(getattr(i, "link_bytes_per_s", None)))
+                  format_rate(i.link_bytes_per_s))
     return Group(t, *error_lines((i.name, i.error or "failed") for i in infos if not i.ok))
 
 

@@ -68,7 +68,7 @@ def measure_links(inv: Inventory, *, connect_timeout: float, accept_new_host_key
     senders = [b for b in inv.boards if b.name != sink.name]
     if not senders:
         raise ConfigError("--links needs at least two boards: a link is measured between a board and the master")
-    addr, port = inv.master_addr if sink.host == inv.master_addr else sink.host, inv.master_port
+    addr, port = sink.host, inv.master_port   # the master's address when a board has it
 
     def reach(target: Target):
         return connect(target.check(), connect_timeout=connect_timeout, accept_new_host_keys=accept_new_host_keys)
@@ -87,7 +87,8 @@ def measure_links(inv: Inventory, *, connect_timeout: float, accept_new_host_key
                 _raise_failed(board.name, result, sink.name, sink_done.get("result"), f"{addr}:{port}")
             rates[board.name] = float(result.stdout.strip().splitlines()[-1])
     finally:
-        thread.join(timeout=5 if rates.keys() != {b.name for b in senders} else TIMEOUT_S)
+        # after a failed sender the sink waits for connections that never come: do not wait with it
+        thread.join(timeout=TIMEOUT_S if len(rates) == len(senders) else 5)
         sink_t.close()
     rates[sink.name] = max(rates.values())
     return {b.name: rates[b.name] for b in inv.boards}
