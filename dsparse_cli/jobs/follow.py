@@ -70,8 +70,12 @@ class Follower:
         self.pool = ThreadPoolExecutor(max_workers=max(1, len(rec.boards)))
 
     def _poll_one(self, run) -> tuple[BoardState | None, str | None]:
+        # A board already silent gets only what is left of UNREACHABLE_S: it is named on time,
+        # not a whole poll timeout later.
+        silent = time.monotonic() - self.last_contact[run.name]
+        timeout = max(1.0, min(POLL_TIMEOUT_S, UNREACHABLE_S - silent))
         try:
-            return read_state(self.transports[run.name], run, self.offsets[run.name], timeout=POLL_TIMEOUT_S), None
+            return read_state(self.transports[run.name], run, self.offsets[run.name], timeout=timeout), None
         except Exception as exc:  # one board's trouble is that board's row
             return None, f"{type(exc).__name__}: {exc}"
 

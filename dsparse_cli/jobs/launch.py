@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import shlex
+import signal
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -261,6 +263,24 @@ def _write_board_record(transport: Transport, run: BoardRun, rec: JobRecord, sta
     transport.put(str(local), f"{run.workdir}/job.json")
 
 
+@contextmanager
+def ctrl_c_after():
+    """Hold Ctrl-C until the block is done: between a launcher's start and its record, a
+    KeyboardInterrupt would leave a process that `stop` cannot find."""
+    caught = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    except ValueError:   # not the main thread: signals are not ours to hold
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def start_job(inv: Inventory, doc: dict, opts: JobSpec, *, connect_timeout: float,
               accept_new_host_keys: bool = False,
               resume_of: JobRecord | None = None) -> tuple[JobRecord, dict[str, Transport]]:
@@ -337,15 +357,22 @@ def start_job(inv: Inventory, doc: dict, opts: JobSpec, *, connect_timeout: floa
             if resume_of:
                 _reset_run(transport, run)
             env = worker_env(target, inv, pkg, ifaces.get(run.name))
-            proc = transport.start_detached(worker_command(target, run.rank, world, inv, run.run_dir),
-                                            log_path=run.log_path, env=env, cwd=run.run_dir)
-            run.pid, run.pgid, run.started = proc.pid, proc.pgid, time.time()
-            records.save(inv.state_dir, rec)  # recorded at once: stop must find it even if we die now
+            with ctrl_c_after():   # recorded at once: stop must find it even if we die now
+                proc = transport.start_detached(worker_command(target, run.rank, world, inv, run.run_dir),
+                                                log_path=run.log_path, env=env, cwd=run.run_dir)
+                run.pid, run.pgid, run.started = proc.pid, proc.pgid, time.time()
+                records.save(inv.state_dir, rec)
             _write_board_record(transport, run, rec, staging)
     except BaseException as exc:
         from dsparse_cli.jobs.stop import stop_job
 
+        started = sum(1 for r in rec.boards if r.pid)
         stop_job(inv, rec, transports=transports)
+        if isinstance(exc, KeyboardInterrupt):
+            from dsparse_cli.console import warning
+
+            warning(f"interrupted during the launch: stopped the {started} board(s) started so far "
+                    "(resume with `dsparse train --resume`)")
         if isinstance(exc, Exception) and not isinstance(exc, JobError):
             raise JobError(f"could not start the job: {exc}") from exc
         raise

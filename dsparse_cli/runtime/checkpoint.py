@@ -13,6 +13,7 @@ import os
 import shutil
 
 import torch
+import torch.distributed as dist
 
 from dsparse_cli.contract import plan_hash  # noqa: F401  (the hash a checkpoint carries)
 
@@ -100,3 +101,29 @@ def load_checkpoint(path: str, expected_plan_hash: str, rank: int | None = None)
     if rank is not None and state.get("rank") != rank:
         raise CheckpointError(f"checkpoint {path} belongs to rank {state.get('rank')}, not rank {rank}")
     return state
+
+
+def agreed_checkpoint(workdir: str, expected_plan_hash: str, rank: int, world: int) -> dict | None:
+    """The newest checkpoint step that every rank has (latest.pt or previous.pt), so a crash
+    during one rank's save cannot leave the boards resuming from different steps. None when no
+    rank has any: the job stopped before its first checkpoint and starts again from step 0."""
+    states, problems = {}, []
+    for path in candidate_paths(workdir):
+        try:
+            st = load_checkpoint(path, expected_plan_hash, rank)
+            states[int(st["global_step"])] = st
+        except CheckpointError as exc:
+            problems.append(str(exc))
+    mine = {"steps": sorted(states), "problem": problems[0] if problems and not states else None}
+    every: list = [None] * world
+    dist.all_gather_object(every, mine)
+    if not any(e["steps"] or e["problem"] for e in every):
+        return None
+    common = set(every[0]["steps"]).intersection(*(set(e["steps"]) for e in every[1:]))
+    if not common:
+        bad = next((r for r, e in enumerate(every) if e["problem"]), None)
+        detail = (f"rank {bad}: {every[bad]['problem']}" if bad is not None else
+                  "checkpointed steps per rank: " + ", ".join(f"{r}:{e['steps']}" for r, e in enumerate(every)))
+        raise CheckpointError(f"no checkpoint step common to all boards ({detail}); "
+                              "start the job without --resume")
+    return states[max(common)]

@@ -43,14 +43,29 @@ def _die_with_parent() -> None:
 
 
 def oom_kills() -> int | None:
-    """The OOM kills counted in this process's memory cgroup (v2 `memory.events`), if readable."""
+    """The OOM kills counted in this process's memory cgroup (v2 `memory.events`, v1
+    `memory.oom_control`), if readable."""
     try:
         with open("/proc/self/cgroup") as fh:
-            path = next(line.split(":", 2)[2].strip() for line in fh if line.startswith("0::"))
-        with open(f"/sys/fs/cgroup{path}/memory.events") as fh:
-            return next(int(line.split()[1]) for line in fh if line.startswith("oom_kill "))
-    except (OSError, StopIteration, ValueError, IndexError):
+            entries = [line.rstrip("\n").split(":", 2) for line in fh]
+    except OSError:
         return None
+    for entry in entries:
+        if len(entry) != 3:
+            continue
+        controllers, path = entry[1], entry[2]
+        if not controllers:
+            counter = f"/sys/fs/cgroup{path}/memory.events"
+        elif "memory" in controllers.split(","):
+            counter = f"/sys/fs/cgroup/memory{path}/memory.oom_control"
+        else:
+            continue
+        try:
+            with open(counter) as fh:
+                return next(int(line.split()[1]) for line in fh if line.startswith("oom_kill "))
+        except (OSError, StopIteration, ValueError, IndexError):
+            continue   # a hybrid host: the other hierarchy may hold the memory controller
+    return None
 
 
 def how_it_ended(status: int, oom_before: int | None, oom_after: int | None) -> str:

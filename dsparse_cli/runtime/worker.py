@@ -71,7 +71,8 @@ class Trainer:
         self.model = build_model(plan["model"], int(plan.get("num_classes", 10)), search_dirs=[self.workdir])
         self.units = units_from_plan(plan)
         check_units(self.model, self.units)
-        if job.weights and not job.resume:   # a resume continues from its checkpoint instead
+        resumed = ckpt.agreed_checkpoint(self.workdir, self.plan_hash, self.rank, self.world) if job.resume else None
+        if job.weights and resumed is None:   # a resume continues from its checkpoint instead
             self.log(load_weights(self.model, self.units, job.weights, spec=plan["model"], search_dirs=[self.workdir]))
         self.model.to(self.device)
         torch.manual_seed(seed + 1 + self.rank)  # per-rank stream (dropout), after the shared init
@@ -99,9 +100,11 @@ class Trainer:
         self.agg = GroupedAggregator(plan, self.rank, self.model, self.units, self.compressor,
                                      sync_every=job.sync_every, device=self.device,
                                      timeout_s=job.collective_timeout_s)
-        if job.resume:
-            self._resume()
+        if resumed is not None:
+            self._resume(resumed)
         else:
+            if job.resume:   # stopped before its first checkpoint (Ctrl-C during the launch)
+                self.log("no checkpoint on any board yet: starting from step 0")
             broadcast_module(self.model, src=0)
         self.meter = MemoryMeter(self.device)
 
@@ -127,8 +130,7 @@ class Trainer:
         with self.stop.save_lock:
             ckpt.save_checkpoint(ckpt.checkpoint_path(self.workdir), self.state())
 
-    def _resume(self) -> None:
-        state = self._agreed_checkpoint()
+    def _resume(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         if self.optimizer is not None and state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -138,28 +140,6 @@ class Trainer:
         self.global_step = self.resumed_from = int(state["global_step"])
         self.history, self.accuracy = list(state["history"]), state["accuracy"]
         self.log(f"resumed from step {self.global_step} (epoch {self.epoch + 1}, step {self.step_in_epoch})")
-
-    def _agreed_checkpoint(self) -> dict:
-        """The newest checkpoint step that every rank has (latest.pt or previous.pt), so a crash
-        during one rank's save cannot leave the boards resuming from different steps."""
-        states, problems = {}, []
-        for path in ckpt.candidate_paths(self.workdir):
-            try:
-                st = ckpt.load_checkpoint(path, self.plan_hash, self.rank)
-                states[int(st["global_step"])] = st
-            except ckpt.CheckpointError as exc:
-                problems.append(str(exc))
-        mine = {"steps": sorted(states), "problem": problems[0] if problems and not states else None}
-        every: list = [None] * self.world
-        dist.all_gather_object(every, mine)
-        common = set(every[0]["steps"]).intersection(*(set(e["steps"]) for e in every[1:]))
-        if not common:
-            bad = next((r for r, e in enumerate(every) if e["problem"]), None)
-            detail = (f"rank {bad}: {every[bad]['problem']}" if bad is not None else
-                      "checkpointed steps per rank: " + ", ".join(f"{r}:{e['steps']}" for r, e in enumerate(every)))
-            raise ckpt.CheckpointError(f"no checkpoint step common to all boards ({detail}); "
-                                       "start the job without --resume")
-        return states[max(common)]
 
     # --- the loop --------------------------------------------------------------------------
     def run(self) -> dict:

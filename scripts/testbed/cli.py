@@ -51,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
     lk.add_argument("--rate")
     lk.add_argument("--delay")
     lk.add_argument("--loss", type=float)
+    rb = sub.add_parser("reboot", help="power-cycle a board: kill everything on it, then start its sshd again")
+    rb.add_argument("board")
+    rb.add_argument("--down-for", type=float, default=2.0, metavar="SECONDS", help="how long it stays off")
     for s in sub.choices.values():
         s.add_argument("--dir", default=".testbed", help="testbed directory (default .testbed/)")
     return p
@@ -101,6 +104,10 @@ def run(args) -> int:
             print(json.dumps(None) if args.json else f"no testbed in {directory}")
             return 1
         print(json.dumps(st, indent=2) if args.json else status.format_text(st))
+        return 0
+    if args.cmd == "reboot":
+        b = testbed.reboot(directory, args.board, max(0.0, args.down_for))
+        print(f"reboot {b['name']}: back up (sshd pid {b['sshd_pid']})")
         return 0
     rate = parse_rate(args.rate) if args.rate else None
     delay = parse_delay(args.delay) if args.delay else None

@@ -275,11 +275,24 @@ def _anything_exists(rec: dict) -> bool:
         procs.is_ours(rec["linkemu"].get("pid"), rec["linkemu"]["config"])
 
 
-# ---------------------------------------------------------------- link
+# ---------------------------------------------------------------- reboot
 
-def link(directory: Path, board: str, action: str, rate: int | None = None,
-         delay_ms: float | None = None, loss_pct: float | None = None) -> dict:
-    """`up`/`down`: the board's bridge-side TAP (its cable); `set`: new rate/delay/loss, live."""
+def reboot(directory: Path, board: str, down_s: float = 2.0) -> dict:
+    """Power-cycle a board: SIGKILL everything in its memory cgroup (sshd, launchers, workers, as a
+    power cut would), stay down `down_s`, then start its sshd again with the same host key (the
+    board comes back; its files, on disk, survive)."""
+    rec, b = _up_board(directory, board)
+    cgroups.kill_all([b["cgroup"]])
+    time.sleep(down_s)
+    run = Path(b["run_dir"])
+    proc = sshd.start(b["netns"], run / "start-sshd.sh", run / "sshd.log")
+    b["sshd_pid"] = proc.pid
+    record.save(directory, rec)
+    sshd.wait_listening(b["addr"], proc, run / "sshd.log")
+    return b
+
+
+def _up_board(directory: Path, board: str) -> tuple[dict, dict]:
     rec = record.load(directory)
     if rec is None or rec.get("state") != "up":
         raise TestbedError(f"no testbed is up in {directory}", 2)
@@ -287,6 +300,15 @@ def link(directory: Path, board: str, action: str, rate: int | None = None,
     if b is None:
         names = ", ".join(x["name"] for x in rec["boards"])
         raise TestbedError(f"no board {board!r} (boards: {names})", 2)
+    return rec, b
+
+
+# ---------------------------------------------------------------- link
+
+def link(directory: Path, board: str, action: str, rate: int | None = None,
+         delay_ms: float | None = None, loss_pct: float | None = None) -> dict:
+    """`up`/`down`: the board's bridge-side TAP (its cable); `set`: new rate/delay/loss, live."""
+    rec, b = _up_board(directory, board)
     if action in ("up", "down"):
         net.ip("link", "set", "dev", b["host_tap"], action)
         return b

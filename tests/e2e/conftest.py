@@ -34,3 +34,12 @@ def spare_testbed(tmp_path_factory):
         yield tb
     finally:
         tb.cli("down")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fault suite's table (tests/e2e/test_faults.py), when it ran: docs/faults.md keeps a copy."""
+    from fault_table import ROWS, markdown
+
+    if ROWS:
+        terminalreporter.write_sep("=", "fault suite (tests/e2e/test_faults.py)")
+        terminalreporter.write_line(markdown())

@@ -170,6 +170,22 @@ def test_blame_prefers_a_root_cause_over_peer_errors_and_the_silent_board_over_i
     assert f.failure(only_peers)["name"] == "b1"
 
 
+def test_a_silent_board_is_polled_with_what_is_left_of_its_silence_budget(monkeypatch):
+    """A dead link is named UNREACHABLE_S after the last answer, not a whole poll timeout later."""
+    from dsparse_cli.jobs import follow
+
+    f = _follower(["b0", "b1"])
+    f.transports = {"b0": None, "b1": None}
+    asked = {}
+    monkeypatch.setattr(follow, "read_state", lambda t, run, offset, timeout: asked.__setitem__(run.name, timeout))
+    f.last_contact["b1"] -= follow.UNREACHABLE_S - 2.5
+    f.poll()
+    assert asked["b0"] == follow.POLL_TIMEOUT_S and asked["b1"] == pytest.approx(2.5, abs=0.1)
+    f.last_contact["b1"] -= 10
+    f.poll()
+    assert asked["b1"] == 1.0     # still asked, briefly: it may be back
+
+
 def test_board_table_follower_budgets_and_status_title():
     """The follower's live table takes budgets from the plan; `status` from its rows, under a title
     that counts the boards in each state."""

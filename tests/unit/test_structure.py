@@ -113,3 +113,15 @@ def test_the_plan_defaults_have_one_value():
     assert shown["headroom"] == DEFAULT_HEADROOM
     for fn in (make_plan, plan_cluster, build_plan):
         assert inspect.signature(fn).parameters["objective"].default == shown["objective"] == OBJECTIVES[0], fn
+
+
+def test_docs_faults_has_a_row_for_every_fault_the_suite_makes():
+    """docs/faults.md keeps the table tests/e2e/test_faults.py prints: one row per fault."""
+    source = ast.parse((PKG.parent / "tests" / "e2e" / "fault_table.py").read_text())
+    faults = next(ast.literal_eval(n.value) for n in source.body
+                  if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "FAULTS")
+    rows = [line.split("|")[1].strip() for line in (PKG.parent / "docs" / "faults.md").read_text().splitlines()
+            if line.startswith("| ")]
+    assert len(faults) == 8
+    for fault in faults:
+        assert rows.count(fault) == 2, f"docs/faults.md: {fault!r} needs a row in the table and in the how-to"

@@ -125,6 +125,21 @@ def _resume(rank, world, tmp):
                 "residual": resumed.compressor.residual("g0")}, f"{tmp}/rank{rank}.pt")
 
 
+def test_a_resume_before_any_checkpoint_starts_from_step_0_with_the_same_weights(world_of_one, tmp_path, capsys):
+    """Ctrl-C during the launch stops a job before its first checkpoint: `--resume` starts it again."""
+    plan, job = make_plan([[0, 1, 2, 3]]), dict(dataset="synthetic", synthetic_samples=64, max_steps=2, eval=False)
+    fresh = Trainer(plan, make_job(str(tmp_path / "a"), **job), 0, 1)
+    fresh.run()
+    resumed = Trainer(plan, make_job(str(tmp_path / "b"), **job, resume=True), 0, 1)
+    summary = resumed.run()
+    assert "no checkpoint on any board yet: starting from step 0" in capsys.readouterr().out
+    assert summary["steps"] == 2 and summary["resumed_from_step"] is None
+    assert all(torch.equal(v, resumed.model.state_dict()[k]) for k, v in fresh.model.state_dict().items())
+    torch.save({"format": ckpt.FORMAT_VERSION, "plan_hash": "other"}, ckpt.checkpoint_path(str(tmp_path / "b")))
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint step common to all boards"):
+        Trainer(plan, make_job(str(tmp_path / "b"), **job, resume=True), 0, 1).setup()   # a bad one is not ignored
+
+
 @pytest.mark.slow
 def test_stop_and_resume_gives_the_uninterrupted_weights(tmp_path):
     run_ranks(_resume, 2, str(tmp_path))
