@@ -143,7 +143,7 @@ def _push_board(transport, root: Path, shard: FolderIndex, data_dir: str,
     report(name, 0, total)
     with tempfile.TemporaryDirectory(prefix="dsparse-push-") as tmp:
         for chunk in _chunks(missing, sizes, CHUNK_BYTES):
-            _send_chunk(transport, root, chunk, data_dir, Path(tmp) / TAR_NAME)
+            send_tar(transport, root, chunk, data_dir, Path(tmp) / TAR_NAME)
             done += sum(sizes[p] for p in chunk)
             report(name, done, total)
         manifest = imagefolder.write_manifest(tmp, shard, root=str(root))
@@ -179,8 +179,9 @@ def _chunks(paths: list, sizes: dict, limit: int) -> list:
     return chunks + ([current] if current else [])
 
 
-def _send_chunk(transport, root: Path, paths: list, data_dir: str, tar_path: Path) -> None:
-    """One tar of `paths` (under their relative names), put beside them and unpacked there."""
+def send_tar(transport, root: Path, paths: list, data_dir: str, tar_path: Path) -> None:
+    """One tar of `paths` (under their relative names), put beside them and unpacked there: one
+    copy and one command, however many files (each file on its own costs round trips)."""
     from dsparse_cli.remote.shell import sh_path
 
     with tarfile.open(tar_path, "w") as tf:

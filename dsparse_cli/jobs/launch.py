@@ -8,6 +8,7 @@ PID (== PGID) is recorded locally as soon as it exists so `dsparse stop` can alw
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 import signal
@@ -15,6 +16,7 @@ import socket
 import time
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import lru_cache
 from pathlib import Path
 
 import dsparse_cli
@@ -151,6 +153,28 @@ def runtime_files() -> list[tuple[Path, str]]:
     return [(f, str(f.relative_to(root))) for f in files]
 
 
+@lru_cache(maxsize=1)
+def runtime_digest() -> str:
+    """Names the runtime's exact contents, so a board that has it already is not sent it again."""
+    h = hashlib.sha256()
+    for local_file, rel in runtime_files():
+        h.update(rel.encode() + b"\0" + local_file.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _ship_runtime(transport: Transport, pkg: str, staging: Path) -> None:
+    """The runtime package, in one tar, unless the board has this very one (its stamp file)."""
+    from dsparse_cli.jobs.datapush import send_tar
+    from dsparse_cli.remote.shell import sh_path
+
+    stamp = f"{pkg}/.runtime-{runtime_digest()}"
+    if transport.run(f"test -f {sh_path(stamp)}", timeout=30).rc == 0:
+        return
+    send_tar(transport, _package_root(), [rel for _, rel in runtime_files()], pkg, staging / "runtime.tar")
+    if transport.run(f"rm -f {sh_path(pkg)}/.runtime-*; touch {sh_path(stamp)}", timeout=30).rc != 0:
+        raise JobError(f"cannot write {stamp} on {transport.target.name}")
+
+
 def worker_command(target: Target, rank: int, world: int, inv: Inventory, run_dir: str) -> str:
     """The board's launcher and the worker under it: dsparse's standard-library supervisor, or
     torchrun (`launcher: torchrun`) with a static rendezvous on rank 0. `exec`: the recorded pid
@@ -236,8 +260,7 @@ def _stage_board(transport: Transport, target: Target, run: BoardRun, plan: dict
         return str(_package_root())
     workdir = run.workdir
     pkg = f"{workdir}/pkg"
-    for local_file, rel in runtime_files():
-        transport.put(str(local_file), f"{pkg}/{rel}")
+    _ship_runtime(transport, pkg, local_dir)
     if job.get("data_dir") == f"{workdir}/data":
         transport.put(str(digits_file()), f"{workdir}/data/digits.csv.gz")
     return pkg
