@@ -8,7 +8,6 @@ PID (== PGID) is recorded locally as soon as it exists so `dsparse stop` can alw
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 import signal
@@ -16,14 +15,12 @@ import socket
 import time
 from contextlib import contextmanager
 from dataclasses import replace
-from functools import lru_cache
 from pathlib import Path
 
-import dsparse_cli
 from dsparse_cli.contract import DATASETS, JobSpec, JobState, Plan, plan_hash
 from dsparse_cli.errors import EXIT_BOARD_FAILED, ConfigError, JobError
 from dsparse_cli.inventory import Inventory, Target
-from dsparse_cli.jobs import preflight, records, workload
+from dsparse_cli.jobs import preflight, records, shipping, workload
 from dsparse_cli.jobs.records import BoardRun, JobRecord
 from dsparse_cli.remote import connect, fan_out
 from dsparse_cli.remote.base import Transport
@@ -128,53 +125,6 @@ def check_port_free(inv: Inventory) -> None:
                               "stop what holds it or pass --master-port") from None
 
 
-def _package_root() -> Path:
-    """The directory holding the `dsparse_cli` package (what PYTHONPATH must point at)."""
-    return Path(dsparse_cli.__file__).resolve().parent.parent
-
-
-def digits_file() -> Path:
-    """scikit-learn's bundled digits data, found without importing sklearn."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("sklearn")
-    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec else None
-    if not path or not path.exists():
-        raise ConfigError("scikit-learn's digits data was not found on this machine",
-                          "pip install scikit-learn, or use --dataset synthetic")
-    return path
-
-
-def runtime_files() -> list[tuple[Path, str]]:
-    """(local file, path relative to the shipped package root) for the runtime package."""
-    root = _package_root()
-    files = [root / "dsparse_cli" / f for f in ("__init__.py", "contract.py", "modelspec.py")]
-    files += sorted((root / "dsparse_cli" / "runtime").rglob("*.py"))
-    return [(f, str(f.relative_to(root))) for f in files]
-
-
-@lru_cache(maxsize=1)
-def runtime_digest() -> str:
-    """Names the runtime's exact contents, so a board that has it already is not sent it again."""
-    h = hashlib.sha256()
-    for local_file, rel in runtime_files():
-        h.update(rel.encode() + b"\0" + local_file.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
-
-
-def _ship_runtime(transport: Transport, pkg: str, staging: Path) -> None:
-    """The runtime package, in one tar, unless the board has this very one (its stamp file)."""
-    from dsparse_cli.jobs.datapush import send_tar
-    from dsparse_cli.remote.shell import sh_path
-
-    stamp = f"{pkg}/.runtime-{runtime_digest()}"
-    if transport.run(f"test -f {sh_path(stamp)}", timeout=30).rc == 0:
-        return
-    send_tar(transport, _package_root(), [rel for _, rel in runtime_files()], pkg, staging / "runtime.tar")
-    if transport.run(f"rm -f {sh_path(pkg)}/.runtime-*; touch {sh_path(stamp)}", timeout=30).rc != 0:
-        raise JobError(f"cannot write {stamp} on {transport.target.name}")
-
-
 def worker_command(target: Target, rank: int, world: int, inv: Inventory, run_dir: str) -> str:
     """The board's launcher and the worker under it: dsparse's standard-library supervisor, or
     torchrun (`launcher: torchrun`) with a static rendezvous on rank 0. `exec`: the recorded pid
@@ -257,12 +207,12 @@ def _stage_board(transport: Transport, target: Target, run: BoardRun, plan: dict
     for local_file, name in files:
         transport.put(str(local_file), f"{run.run_dir}/{name}")
     if target.local:
-        return str(_package_root())
+        return str(shipping.package_root())
     workdir = run.workdir
     pkg = f"{workdir}/pkg"
-    _ship_runtime(transport, pkg, local_dir)
+    shipping.ship_runtime(transport, pkg, local_dir)
     if job.get("data_dir") == f"{workdir}/data":
-        transport.put(str(digits_file()), f"{workdir}/data/digits.csv.gz")
+        transport.put(str(shipping.digits_file()), f"{workdir}/data/digits.csv.gz")
     return pkg
 
 

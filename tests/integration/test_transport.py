@@ -434,19 +434,19 @@ def test_lost_connection_is_remote_error(sshd, make_target):
 
 # -- the runtime package on a board ------------------------------------------------------------------
 def test_the_runtime_is_shipped_in_one_tar_and_not_again(ssh, tmp_path, monkeypatch):
-    from dsparse_cli.jobs import datapush, launch
+    from dsparse_cli.jobs import datapush, shipping
 
     pkg = str(tmp_path / "board" / "pkg")
     sent = []
     real_send = datapush.send_tar
     monkeypatch.setattr(datapush, "send_tar", lambda *a: sent.append(a[2]) or real_send(*a))
-    launch._ship_runtime(ssh, pkg, tmp_path)
-    assert len(sent) == 1 and len(sent[0]) == len(launch.runtime_files()) > 20     # one tar, every file
-    for local, rel in launch.runtime_files():
+    shipping.ship_runtime(ssh, pkg, tmp_path)
+    assert len(sent) == 1 and len(sent[0]) == len(shipping.runtime_files()) > 20     # one tar, every file
+    for local, rel in shipping.runtime_files():
         assert Path(pkg, rel).read_bytes() == local.read_bytes(), rel
-    assert [p.name for p in Path(pkg).glob(".runtime-*")] == [f".runtime-{launch.runtime_digest()}"]
-    launch._ship_runtime(ssh, pkg, tmp_path)
+    assert [p.name for p in Path(pkg).glob(".runtime-*")] == [f".runtime-{shipping.runtime_digest()}"]
+    shipping.ship_runtime(ssh, pkg, tmp_path)
     assert len(sent) == 1                      # the board has this very runtime: nothing is sent
-    Path(pkg, ".runtime-" + launch.runtime_digest()).rename(Path(pkg, ".runtime-0000"))  # another version
-    launch._ship_runtime(ssh, pkg, tmp_path)
-    assert len(sent) == 2 and [p.name for p in Path(pkg).glob(".runtime-*")] == [f".runtime-{launch.runtime_digest()}"]
+    Path(pkg, ".runtime-" + shipping.runtime_digest()).rename(Path(pkg, ".runtime-0000"))  # another version
+    shipping.ship_runtime(ssh, pkg, tmp_path)
+    assert len(sent) == 2 and [p.name for p in Path(pkg).glob(".runtime-*")] == [f".runtime-{shipping.runtime_digest()}"]

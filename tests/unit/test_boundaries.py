@@ -37,7 +37,7 @@ def test_runtime_imports_only_torch_torchvision_stdlib(path):
 
 
 def test_contract_is_stdlib_only_and_shipped():
-    from dsparse_cli.jobs.launch import runtime_files
+    from dsparse_cli.jobs.shipping import runtime_files
 
     assert {name.split(".")[0] for name in imported_modules(PKG / "contract.py")} <= STDLIB | {"__future__"}
     shipped = {rel for _, rel in runtime_files()}

@@ -187,7 +187,7 @@ def test_modelspec_is_shipped_and_stdlib_only():
     import sys
     from pathlib import Path
 
-    from dsparse_cli.jobs.launch import runtime_files
+    from dsparse_cli.jobs.shipping import runtime_files
 
     assert "dsparse_cli/modelspec.py" in {rel for _, rel in runtime_files()}
     tree = ast.parse(Path(modelspec.__file__).read_text())
