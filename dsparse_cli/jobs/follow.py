@@ -56,7 +56,7 @@ class Outcome:
 
 class Follower:
     def __init__(self, inv: Inventory, rec: JobRecord, plan: dict, transports: dict[str, Transport], *,
-                 show_logs: bool = True, live: bool = True, poll_s: float = 1.0,
+                 show_logs: bool = True, live: bool = True, poll_s: float = 0.5,
                  stale_after_s: float = STALE_AFTER_S):
         self.inv, self.rec, self.plan, self.transports = inv, rec, plan, transports
         self.show_logs, self.live, self.poll_s, self.stale_after_s = show_logs, live, poll_s, stale_after_s
@@ -148,7 +148,7 @@ class Follower:
                 lingering = any(self.alive.values())
                 if not lingering or time.monotonic() - finished_at > EXIT_WAIT_S:
                     return Outcome(JobState.FINISHED, rows, lingering=lingering)
-                time.sleep(min(self.poll_s, 0.5))
+                time.sleep(self.poll_s)
                 continue
             culprit = self.failure(rows)
             if culprit:
