@@ -24,7 +24,7 @@ def measured_base_mib(state_dir: Path, model: str = "mobilenet_v2", batch_size: 
     rebased limit is that much lower: the example keeps its training allowance, not the agent."""
     from dsparse_cli.planning.profile import get_profile, launcher_bytes
 
-    prof = get_profile(state_dir, model, batch_size=batch_size, image_size=32)
+    prof = get_profile(state_dir, model, batch_size=batch_size, image_size=32, launcher=launcher)
     return (prof.base_bytes + launcher_bytes(prof, launcher)) / MiB
 
 

@@ -63,3 +63,12 @@ def json_of(res: subprocess.CompletedProcess, what: str) -> dict:
         return json.loads(res.stdout)
     except ValueError:
         raise BenchError(f"{what} exited {res.returncode} without JSON: {tail(res.stderr)}") from None
+
+
+def save_and_show(name: str, doc: dict, as_json: bool, table) -> int:
+    """bench/results/NAME.json, then the document (--json) or its table; the exit status."""
+    out = REPO / "bench" / "results" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(json.dumps(doc, indent=1) if as_json else table(doc))
+    return 0

@@ -32,7 +32,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-from _runner import BenchError, dsparse, free_port  # noqa: E402
+from _runner import BenchError, dsparse, free_port, save_and_show  # noqa: E402
 
 SHARES = (1.0, 0.6, 0.35, 0.15)   # each board's allowance: this share of the way from the least to a full update
 
@@ -127,11 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         finally:
             testbed(directory, "down")
-    out = REPO / "bench" / "results" / "wire_check.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
-    print(json.dumps(doc, indent=1) if args.json else table(doc))
-    return 0
+    return save_and_show("wire_check", doc, args.json, table)
 
 
 if __name__ == "__main__":

@@ -86,11 +86,13 @@ class Inventory:
 # allowance, not an absolute limit: its budget is the process base measured by `dsparse plan`
 # plus the launcher plus this much training memory, so the demo plans the same on any machine
 # (the base moves by +-130 MiB between environments). Sized for `make demo` (mobilenet_v2,
-# batch 32, 64x64), whose last k units need 39 MiB (k=1), 49.7 (8), 75.7 (13), 112.7 (16) and
-# 215 MiB (all 20) of training memory: each allowance sits between two steps, so the boards
-# train 20 / 16 / 13 / 8 units, four different nested plans.
-BUILTIN_BOARDS = (("demo-x86", "256MiB"), ("demo-jetson", "128MiB"), ("demo-rpi4", "80MiB"),
-                  ("demo-rpi3", "52MiB"))
+# batch 32, 64x64), whose last k units need 47.1 MiB (k=1), 67.4 (8) / 70.2 (9), 92.2 (13) /
+# 102.0 (14), 129.8 (16) / 158.7 (17) and 233.4 MiB (all 20) of training memory, as a worker
+# reports it (profile format 4: the first step's one-time bytes in, the weights in the base):
+# each allowance sits between two steps, so the boards train 20 / 16 / 13 / 8 units, four
+# different nested plans.
+BUILTIN_BOARDS = (("demo-x86", "256MiB"), ("demo-jetson", "144MiB"), ("demo-rpi4", "97MiB"),
+                  ("demo-rpi3", "69MiB"))
 
 
 def builtin_cluster(state_dir: Path | None = None) -> Inventory:

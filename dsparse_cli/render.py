@@ -110,8 +110,8 @@ def plan_view(doc: dict) -> Group:
                format_size(d["full_update_peak_bytes"]), _saving(pred_t, full_t), unit_ranges(units) + first,
                format_rate(d.get("link_bytes_per_s")), _wire(d)]
         if verify:
-            m = d.get("measured_training_bytes")
-            row.append(f"{format_size(m)} / {format_size(pred_t)} ({100 * (m / pred_t - 1):+.1f}%)" if m and pred_t else "-")
+            m, ref = d.get("measured_training_bytes"), d.get("verify_predicted_training_bytes") or pred_t
+            row.append(f"{format_size(m)} / {format_size(ref)} ({100 * (m / ref - 1):+.1f}%)" if m and ref else "-")
         t.add_row(*row)
     parts = [t]
     if doc.get("launcher_bytes"):

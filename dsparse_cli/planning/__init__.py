@@ -43,7 +43,8 @@ def plan_cluster(*, cluster: str, boards: Sequence[tuple[str, Mapping]], state_d
     link_of = {name: facts.get("link_bytes_per_s") for name, facts in boards}
     check_objective(objective, list(link_of.values()), list(link_of))
     prof = get_profile(state_dir, model, num_classes=num_classes, image_size=image_size,
-                       batch_size=batch_size, dtype=dtype, optimizer=optimizer, refresh=refresh_profile)
+                       batch_size=batch_size, dtype=dtype, optimizer=optimizer, refresh=refresh_profile,
+                       launcher=launcher)
     order = importance_order(importance, prof.num_units, model=model, num_classes=num_classes,
                              image_size=image_size, batch_size=batch_size)
     launcher_mem = launcher_bytes(prof, launcher)

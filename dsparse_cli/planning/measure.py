@@ -4,7 +4,8 @@ Run as `python -m dsparse_cli.planning.measure --out FILE --model ...` in a fres
 environment holds `profile.MALLOC_ENV` (`profile.get_profile` does this): glibc then serves every
 block of a page or more with mmap and unmaps it on free, so the resident set follows live tensors
 and the RSS peaks measured here mean tensor bytes plus what the kernels really allocate.
-See `profile`'s module docstring for what is measured and how it is replayed.
+See `profile`'s module docstring for what is measured, `replay`'s for how a plan's memory is
+replayed from it.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import sys
 from typing import Iterable
 
 from dsparse_cli.errors import ConfigError, DsparseError
-from dsparse_cli.planning.profile import (FROZEN, MALLOC_ENV, PASSTHROUGH, UPDATED, Profile, UnitCost,
-                                          live_peak_bytes, measure_launcher_bytes, profile_key, save_profile)
+from dsparse_cli.planning.profile import (MALLOC_ENV, Profile, UnitCost, measure_launcher_bytes, profile_key,
+                                          save_profile)
+from dsparse_cli.planning.replay import FROZEN, PASSTHROUGH, UPDATED, live_peak_bytes
 from dsparse_cli.runtime.memory import current_rss, peak_rss, reset_peak_rss
 
 WARMUP_STEPS = 2
@@ -186,6 +188,75 @@ def _run_config(torch, model, units, updated: set[int], optimizer: str, rec: _Re
     return result, opt, params
 
 
+def _rss_file() -> int:
+    """File-backed resident bytes (mapped libraries) of this process."""
+    with open("/proc/self/status") as fh:
+        return next((int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("RssFile:")), 0)
+
+
+def worker_setup(model, image_size: int, batch_size: int) -> None:
+    """What every worker runs before its base point that a training step runs again: a dataset
+    made and a batch drawn (the synthetic one: shipped, no files; digits and image folders touch
+    at least as much), and the start-up broadcast's flatten / unflatten / copy of the weights.
+    The kernel code they page in is in the worker's base, so it must be in ours too, or the
+    first step's one-time bytes come out ~4 MiB too high."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    from dsparse_cli.runtime import data as datamod
+
+    ds = datamod.load_dataset("synthetic", image_size=image_size, seed=0, rank=0, world=1,
+                              synthetic_samples=2 * batch_size + 8)
+    next(iter(datamod.batches_for(ds, 0, 1, 0, 0, batch_size)))
+    tensors = [p.data for p in model.parameters()] + list(model.buffers())
+    for dtype in {t.dtype for t in tensors}:
+        bucket = [t for t in tensors if t.dtype == dtype]
+        for t, v in zip(bucket, _unflatten_dense_tensors(_flatten_dense_tensors(bucket), bucket)):
+            t.copy_(v)
+
+
+def _first_steps(torch, model, units, optimizer: str, batch_fn) -> dict:
+    """On the cold process, before any other step: the base point (as the worker takes it: model
+    built, optimizer made, nothing run), then what the first steps add for good. The worker's
+    meter counts that growth as training memory (its base point is before its first step), and
+    it is large next to a small board's step: torch's kernel code paged in from its libraries
+    (~12-16 MiB), the Python heap, kernel caches. Suffixes of units train one step each, the
+    last unit first, each with a fresh optimizer dropped with the gradients afterwards, so what
+    stays is one-time; a unit's share is what the suffix starting at it added over the one
+    before (the first one also pays the no-grad forward, the loss and the optimizer's code).
+    Then one eval-mode forward, as the worker's evaluation runs after its steps."""
+    from dsparse_cli.runtime.sparse import apply_plan, make_optimizer, set_train_mode
+
+    n = len(units)
+    shares, base, file0 = [0] * n, None, 0
+    for v in range(n - 1, -1, -1):
+        suffix = set(range(v, n))
+        params = apply_plan(model, units, suffix)
+        set_train_mode(model, units, suffix, _trained_by_someone(units))
+        opt = make_optimizer(optimizer, params, lr=1e-3)
+        gc.collect()
+        if base is None:
+            # torch.optim's first optimizer imports torch._dynamo: hundreds of thousands of
+            # objects that every later full collection would walk (0.35 s each, dozens of them)
+            gc.freeze()
+            base, file0 = read_rss()[0], _rss_file()
+            prev = base
+        x, y = batch_fn()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        del opt, x, y
+        for p in model.parameters():
+            p.grad = None
+        gc.collect()
+        now = read_rss()[0]
+        shares[v], prev = max(0, now - prev), now
+    file_bytes = _rss_file() - file0
+    model.eval()
+    with torch.no_grad():
+        model(batch_fn()[0])
+    gc.collect()
+    return {"base": base, "shares": shares, "eval": max(0, read_rss()[0] - prev), "file": max(0, file_bytes)}
+
+
 def _tensor_bytes(tensors) -> int:
     seen, total = set(), 0
     for t in tensors:
@@ -211,9 +282,11 @@ def measure_profile(model_name: str, *, num_classes: int = 10, image_size: int =
     n = len(units)
     gc.collect()
     import_bytes = read_rss()[0]
-    rec = _Recorder(model, units)
     gen = torch.Generator().manual_seed(0)
     batch_fn = lambda: _make_batch(torch, batch_size, image_size, num_classes, tdtype, gen)  # noqa: E731
+    worker_setup(model, image_size, batch_size)
+    first = _first_steps(torch, model, units, optimizer, batch_fn)
+    rec = _Recorder(model, units)
 
     full, opt, _ = _run_config(torch, model, units, set(range(n)), optimizer, rec, batch_fn)
     opt_bytes = [_tensor_bytes(t for p in unit_params(model, u) for t in opt.state.get(p, {}).values()
@@ -222,8 +295,6 @@ def measure_profile(model_name: str, *, num_classes: int = 10, image_size: int =
     x, y = batch_fn()
     torch.nn.functional.cross_entropy(model(x), y).backward()   # the real .grad tensors
     grad_bytes = [_tensor_bytes(p.grad for p in unit_params(model, u) if p.grad is not None) for u in units]
-    weights = _tensor_bytes(list(model.parameters()) + list(model.buffers()))
-    base = full["step_start"] - weights - sum(opt_bytes)
     del opt, x, y
     passthrough, _, _ = _run_config(torch, model, units, {0}, optimizer, rec, batch_fn)
     frozen, _, _ = _run_config(torch, model, units, set(), optimizer, rec, batch_fn)
@@ -242,14 +313,16 @@ def measure_profile(model_name: str, *, num_classes: int = 10, image_size: int =
             forward_peak={m: c["peaks"].get(("fwd", v), 0) for m, c in
                           {**cfgs, FROZEN: frozen}.items()},
             backward_peak={m: c["peaks"].get(("bwd", v), 0) for m, c in cfgs.items()},
+            first_step_bytes=first["shares"][v],
         ))
     prof = Profile(
         key=profile_key(model_name, num_classes, image_size, batch_size, dtype, optimizer),
         model=model_name, num_classes=num_classes, image_size=image_size, batch_size=batch_size, dtype=dtype,
-        optimizer=optimizer, torch=torch.__version__, device="cpu", base_bytes=max(0, base),
-        import_bytes=import_bytes, batch_bytes=full["batch_bytes"], launcher_bytes=measure_launcher_bytes(),
-        supervisor_bytes=measure_launcher_bytes("dsparse"),
-        step_peak_bytes=full["peaks"].get(("opt",), 0), units=costs)
+        optimizer=optimizer, torch=torch.__version__, device="cpu", base_bytes=first["base"],
+        import_bytes=import_bytes, batch_bytes=full["batch_bytes"],
+        supervisor_bytes=measure_launcher_bytes("dsparse"),   # torchrun's: only for a plan that uses it
+        step_peak_bytes=full["peaks"].get(("opt",), 0), units=costs,
+        eval_first_bytes=first["eval"], first_step_file_bytes=first["file"])
     prof.checks = {
         "all_updated": {"measured_growth": full["growth"], "replayed_growth":
                         live_peak_bytes(prof, range(n))},
@@ -257,6 +330,7 @@ def measure_profile(model_name: str, *, num_classes: int = 10, image_size: int =
                                live_peak_bytes(prof, {0})},
         "forward_only": {"measured_growth": frozen["growth"], "replayed_growth": live_peak_bytes(prof, set())},
     }
+    gc.unfreeze()   # frozen by `_first_steps`; a caller in-process gets its collector back whole
     return prof
 
 

@@ -15,7 +15,8 @@ from typing import Iterable, Mapping, Sequence
 from dsparse_cli.contract import PLAN_VERSION, ContractError, Plan
 from dsparse_cli.errors import ConfigError
 from dsparse_cli.planning.planner import PlanResult
-from dsparse_cli.planning.profile import Profile, breakdown
+from dsparse_cli.planning.profile import Profile
+from dsparse_cli.planning.replay import breakdown, plan_comm
 from dsparse_cli.planning.schedule import build_groups
 from dsparse_cli.planning.wire import ddp_seconds, loads, step_seconds
 
@@ -44,10 +45,13 @@ def build_plan(*, cluster: str, profile: Profile, result: PlanResult, sync_every
     units = [{"index": u.index, "name": u.name, "modules": list(u.modules), "param_bytes": u.param_bytes,
               "buffer_bytes": u.buffer_bytes, "grad_bytes": u.grad_bytes, "optimizer_bytes": u.optimizer_bytes}
              for u in profile.units]
+    # The planner sized each board for any groups (`replay.upper_comm`); now that the groups exist,
+    # each board's figures count what its own aggregation holds (never more than it was sized for).
+    parts = {d.rank: breakdown(profile, d.units, plan_comm(profile, groups, d.rank)) for d in result.devices}
     devices = [{"name": d.name, "rank": d.rank, "budget_bytes": d.budget_bytes,
-                "predicted_peak_bytes": d.predicted_peak_bytes,
-                "predicted_training_bytes": d.predicted_training_bytes,
-                "predicted_breakdown": breakdown(profile, d.units),
+                "predicted_peak_bytes": profile.base_bytes + sum(parts[d.rank].values()),
+                "predicted_training_bytes": sum(parts[d.rank].values()),
+                "predicted_breakdown": parts[d.rank],
                 "full_update_peak_bytes": result.full_update_peak_bytes,
                 "full_update_training_bytes": result.full_update_training_bytes,
                 "link_bytes_per_s": wire[d.rank].rate, "predicted_sent_bytes_per_step": wire[d.rank].sent,

@@ -1,4 +1,4 @@
-"""Measured per-unit memory costs of training a model, and the training memory of a plan.
+"""Measured per-unit memory costs of training a model (the profile) and its cache.
 
 Nothing here is a formula over layer shapes: every number comes from running the model.
 
@@ -32,34 +32,16 @@ bytes (the real `optimizer.state` tensors after a step), and per mode:
   start, measured with VmHWM (reset through /proc/self/clear_refs at every region boundary),
   with glibc told to return freed blocks (`MALLOC_ENV`) so RSS follows live tensors.
 
-Process level: `base_bytes` = RSS at the start of a warm step minus weights and optimizer state
-(interpreter, torch, kernels, allocator slack); `batch_bytes` = input images + labels;
-`step_peak_bytes` = the optimizer step's own transient with every unit updated.
+Process level: `base_bytes` = RSS right before the first step, the model built and the optimizer
+made (interpreter, torch, weights: the worker's base point, `runtime/memory.py`); `batch_bytes` =
+input images + labels; `step_peak_bytes` = the optimizer step's own transient with every unit
+updated. Before any of the above, on the cold process, `first_step_bytes` per unit and
+`eval_first_bytes`: what the first steps and the first evaluation add for good (`measure`).
 
-What "training bytes" means
----------------------------
-`training_bytes(profile, S)` = the peak, over one training step of the plan that updates units S,
-of the process memory above `base_bytes`:
-
-    W_all + Σ_{u∈S} O_u + max over the step's timeline of (batch + live activations + gradients)
-
-W_all is every parameter and buffer (forward needs them all), O_u the optimizer state of updated
-units (resident between steps). The timeline is replayed from the measured per-unit terms: during
-the forward, region *u* peaks at (saved bytes kept by earlier regions + its entering activation +
-its measured forward peak); during the backward, region *u* peaks at (saved bytes of regions ≤ u
-still held + gradients G of updated units after it + the gradient flowing in + its measured
-backward peak); the optimizer step peaks at (Σ_{u∈S} G_u + its transient). Units before the
-earliest updated unit run in "frozen" mode (nothing saved), units after it that are not updated in
-"passthrough" mode. This is the design's Σ(G+O) + A(S) + work + W_all with the sum replaced by the
-maximum over time that a process really reaches: gradients of early units do not exist yet when
-the saved activations peak, and the forward working set of frozen units is gone before the
-backward starts. On MobileNetV2 (batch 64, 32x32) the plain sum W+G+O+A+batch is off by +5..+12 %
-for early first units and, without a working-set term, -9..-45 % for late ones (where the frozen
-forward dominates); adding the forward working set makes the early ones +18..+52 %. The replay
-is within 2 % of measured steps (see `checks` and `dsparse plan --verify`).
-
-`peak_bytes(profile, S) = base_bytes + training_bytes(profile, S)`: whole-process bytes, the unit
-of budgets. Gradients are assumed freed between steps (`zero_grad(set_to_none=True)`).
+Training bytes of a plan (the peak above `base_bytes` over a run, which is what the worker
+reports) are replayed from these terms in `replay.py`; `peak_bytes = base_bytes +
+training_bytes` is whole-process bytes, the unit of budgets. Peaks assume
+`zero_grad(set_to_none=True)`.
 
 This module never imports torch at import time (the measuring is in `measure`, in a child process),
 so cached profiles load fast.
@@ -77,12 +59,21 @@ from pathlib import Path
 from typing import Iterable
 
 from dsparse_cli.errors import ConfigError
+from dsparse_cli.planning.replay import (FROZEN, PASSTHROUGH, UPDATED, breakdown, live_peak_bytes, peak_bytes,
+                                         training_bytes, weight_bytes)
 
-PROFILE_FORMAT = 3   # 2: launcher_bytes; 3: supervisor_bytes
+# The replay (replay.py) is part of what a profile offers its users: re-exported here.
+__all__ = ["FROZEN", "PASSTHROUGH", "UPDATED", "MALLOC_ENV", "PROFILE_FORMAT", "Profile", "UnitCost", "breakdown",
+           "check_args", "check_model", "child_env", "get_profile", "launcher_bytes", "live_peak_bytes",
+           "load_profile", "measure_launcher_bytes", "peak_bytes", "profile_key", "profile_path",
+           "run_profile_subprocess", "save_profile", "torch_version", "training_bytes", "weight_bytes"]
+
+# 2: launcher_bytes; 3: supervisor_bytes; 4: the worker's base point (weights in the base), one-time
+# first-step and first-evaluation bytes, torchrun's agent measured only when a plan needs it
+PROFILE_FORMAT = 4
 # glibc: serve every block >= 64 KiB by mmap and give freed memory back, so RSS follows live tensors.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4096", "MALLOC_TRIM_THRESHOLD_": "131072"}
 DTYPES = ("float32", "float64", "bfloat16")
-UPDATED, PASSTHROUGH, FROZEN = "updated", "passthrough", "frozen"
 
 
 @dataclass
@@ -100,6 +91,7 @@ class UnitCost:
     saves_output: dict[str, bool]        # mode -> the region saves the activation entering the next unit
     forward_peak: dict[str, int]         # mode -> RSS growth over the region's forward
     backward_peak: dict[str, int]        # mode -> RSS growth over the region's backward
+    first_step_bytes: int = 0            # one-time growth when a first step first runs this unit backward
 
 
 @dataclass
@@ -113,14 +105,16 @@ class Profile:
     optimizer: str
     torch: str
     device: str
-    base_bytes: int                      # warm process base (whole process minus weights/opt state)
+    base_bytes: int                      # RSS right before the first step (torch, model, empty optimizer)
     import_bytes: int                    # RSS after import torch + model build, before any step
     batch_bytes: int
     step_peak_bytes: int                 # optimizer-step transient, every unit updated
     units: list[UnitCost]
     checks: dict = field(default_factory=dict)   # measured vs replayed, per profiled configuration
-    launcher_bytes: int = 0              # private memory of torchrun's agent (it runs next to the worker)
+    launcher_bytes: int = 0              # private memory of torchrun's agent; 0: not measured yet
     supervisor_bytes: int = 0            # the same of dsparse's launcher (runtime/supervise.py)
+    eval_first_bytes: int = 0            # one-time growth of the first evaluation (eval-mode forward)
+    first_step_file_bytes: int = 0       # of the full update's first-step bytes: file-backed (torch's code)
     format: int = PROFILE_FORMAT
 
     # --- the cost-model interface the planner uses -------------------------------------------
@@ -132,11 +126,11 @@ class Profile:
     def unit_names(self) -> list[str]:
         return [u.name for u in self.units]
 
-    def training_bytes(self, updated: Iterable[int]) -> int:
-        return training_bytes(self, updated)
+    def training_bytes(self, updated: Iterable[int], comm=None) -> int:
+        return training_bytes(self, updated, comm)
 
-    def peak_bytes(self, updated: Iterable[int]) -> int:
-        return peak_bytes(self, updated)
+    def peak_bytes(self, updated: Iterable[int], comm=None) -> int:
+        return peak_bytes(self, updated, comm)
 
     # --- JSON -----------------------------------------------------------------------------
     def to_json(self) -> str:
@@ -147,88 +141,6 @@ class Profile:
         d = dict(d)
         d["units"] = [UnitCost(**u) for u in d["units"]]
         return cls(**d)
-
-
-# ------------------------------------------------------------------------------------------
-# Training memory of a plan (pure python)
-# ------------------------------------------------------------------------------------------
-def weight_bytes(profile: Profile) -> int:
-    return sum(u.param_bytes + u.buffer_bytes for u in profile.units)
-
-
-def _modes(n: int, updated: set[int]) -> list[str]:
-    first = min(updated) if updated else n
-    return [FROZEN if v < first else (UPDATED if v in updated else PASSTHROUGH) for v in range(n)]
-
-
-def _kept_by_region(units: list[UnitCost], modes: list[str]) -> list[int]:
-    """Bytes each region leaves saved for backward under these modes; each entering activation
-    is counted once, by the region that saves it first."""
-    kept = [0] * len(units)
-    for v, (u, m) in enumerate(zip(units, modes)):
-        if m == FROZEN:
-            continue
-        prev_keeps = v > 0 and modes[v - 1] != FROZEN and units[v - 1].saves_output[modes[v - 1]]
-        kept[v] = u.saved[m] + (u.input_bytes if u.saves_input[m] and not prev_keeps else 0)
-        if v + 1 < len(units) and u.saves_output[m]:
-            kept[v] += units[v + 1].input_bytes
-    return kept
-
-
-def live_peak_bytes(profile: Profile, updated: Iterable[int]) -> int:
-    """Peak over the step of batch + activations + gradients (everything but W_all and O)."""
-    units, updated = profile.units, set(updated)
-    n = len(units)
-    modes = _modes(n, updated)
-    kept = _kept_by_region(units, modes)
-    peak, held = profile.batch_bytes, 0
-    for v, (u, m) in enumerate(zip(units, modes)):                      # forward
-        in_kept = v == 0 or (modes[v - 1] != FROZEN and units[v - 1].saves_output[modes[v - 1]])
-        start = profile.batch_bytes + held + (0 if in_kept else u.input_bytes)
-        peak = max(peak, start + u.forward_peak[m])
-        held += kept[v]
-    grads = 0
-    for v in range(n - 1, -1, -1):                                        # backward
-        m = modes[v]
-        if m == FROZEN:
-            break
-        grad_in = units[v + 1].input_bytes if v + 1 < n else 0
-        peak = max(peak, profile.batch_bytes + held + grads + grad_in + units[v].backward_peak[m])
-        held -= kept[v]
-        if m == UPDATED:
-            grads += units[v].grad_bytes
-    if updated:                                                            # optimizer step
-        g_all = sum(u.grad_bytes for u in units) or 1
-        peak = max(peak, profile.batch_bytes + grads + profile.step_peak_bytes * grads // g_all)
-    return peak
-
-
-def training_bytes(profile: Profile, updated: Iterable[int]) -> int:
-    """Peak process bytes above the base for one step updating `updated` (see module doc)."""
-    updated = set(updated)
-    opt = sum(profile.units[v].optimizer_bytes for v in updated)
-    return weight_bytes(profile) + opt + live_peak_bytes(profile, updated)
-
-
-def peak_bytes(profile: Profile, updated: Iterable[int]) -> int:
-    """Whole-process peak: measured base + training bytes."""
-    return profile.base_bytes + training_bytes(profile, updated)
-
-
-def breakdown(profile: Profile, updated: Iterable[int]) -> dict[str, int]:
-    """The parts of training bytes, for display: weights, gradients, optimizer state, saved
-    activations A(S), and the rest of the peak (batch and working set; negative when the peak
-    comes before every gradient exists)."""
-    updated = set(updated)
-    modes = _modes(profile.num_units, updated)
-    parts = {
-        "weights": weight_bytes(profile),
-        "gradients": sum(profile.units[v].grad_bytes for v in updated),
-        "optimizer": sum(profile.units[v].optimizer_bytes for v in updated),
-        "saved_activations": sum(_kept_by_region(profile.units, modes)),
-    }
-    parts["working_set"] = training_bytes(profile, updated) - sum(parts.values())
-    return parts
 
 
 # ------------------------------------------------------------------------------------------
@@ -311,29 +223,38 @@ def check_model(model: str) -> None:
 
 def get_profile(state_dir: str | Path, model: str, *, num_classes: int = 10, image_size: int = 32,
                 batch_size: int = 64, dtype: str = "float32", optimizer: str = "sgd-momentum",
-                refresh: bool = False, timeout: float = 1800) -> Profile:
-    """The cached profile under <state_dir>/profiles/<key>.json, measured first when missing."""
+                refresh: bool = False, timeout: float = 1800, launcher: str = "dsparse") -> Profile:
+    """The cached profile under <state_dir>/profiles/<key>.json, measured first when missing.
+    `launcher` "torchrun": torchrun's agent is measured too (~3 s: it imports torch) unless the
+    cached profile has it, and kept in the cache, so the same inputs give the same plan byte for
+    byte (a fresh measurement moves by a few KiB). Plans for dsparse's launcher never pay it."""
     check_args(model, batch_size, image_size, dtype, optimizer)
     key = profile_key(model, num_classes, image_size, batch_size, dtype, optimizer)
     path = profile_path(state_dir, key)
+    prof = None
     if path.exists() and not refresh:
         try:
             prof = load_profile(path)
-            if prof.key == key:
-                return prof
+            prof = prof if prof.key == key else None
         except (OSError, ValueError, TypeError, KeyError):
             pass  # a damaged cache entry is measured again
-    run_profile_subprocess(path, model=model, num_classes=num_classes, image_size=image_size,
-                           batch_size=batch_size, dtype=dtype, optimizer=optimizer, timeout=timeout)
-    return load_profile(path)
+    if prof is None:
+        run_profile_subprocess(path, model=model, num_classes=num_classes, image_size=image_size,
+                               batch_size=batch_size, dtype=dtype, optimizer=optimizer, timeout=timeout)
+        prof = load_profile(path)
+    if launcher == "torchrun" and not prof.launcher_bytes:
+        prof.launcher_bytes = measure_launcher_bytes("torchrun")
+        save_profile(prof, path)
+    return prof
 
 
 def launcher_bytes(profile: Profile, launcher: str) -> int:
-    """What the board's launcher keeps next to the worker, as measured with the (cached) profile,
-    so the same inputs give the same plan byte for byte (a fresh measurement moves by a few KiB)."""
+    """What the board's launcher keeps next to the worker, as measured with the (cached) profile
+    (`get_profile(..., launcher=...)`); measured here, uncached, only for a profile that lacks it
+    (one made by hand)."""
     if launcher == "torchrun":
-        return profile.launcher_bytes
-    return profile.supervisor_bytes or measure_launcher_bytes(launcher)   # 0: a profile made by hand
+        return profile.launcher_bytes or measure_launcher_bytes(launcher)
+    return profile.supervisor_bytes or measure_launcher_bytes(launcher)
 
 
 def measure_launcher_bytes(kind: str = "torchrun") -> int:

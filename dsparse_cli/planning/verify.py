@@ -1,14 +1,14 @@
 """`dsparse plan --verify`: run one real training step per device under its plan, each in a fresh
 subprocess on this machine, and put measured next to predicted memory.
 
-Both sides use the same split (see `profile` and `verify_step`):
-* training bytes = weights + optimizer state + the step's peak of batch, activations, gradients
-  and working set above the process's resident memory before the step. The prediction is
-  `profile.training_bytes`; the measurement is (VmHWM over the step - RSS before it) + the weights
-  and optimizer state counted from the real tensors.
-* step bytes = training bytes without weights and optimizer state: the stricter comparison,
-  because the persistent state is the same number on both sides.
-* peak bytes = whole process: predicted base + training bytes vs VmHWM over the step.
+Both sides use the worker's split (see `replay` and `verify_step`):
+* training bytes = the peak above the base point (model and optimizer made, nothing run) over the
+  steps: the first step's one-time bytes, optimizer state, the step's peak of batch, activations,
+  gradients and working set. One process here has no other board and no evaluation, so the
+  prediction it is held to is the plan's without those parts (`replay.single_process_bytes`).
+* step bytes = the measured step's peak above the resident memory before it (one-time bytes and
+  optimizer state already there): the stricter comparison.
+* peak bytes = whole process: predicted base + those training bytes vs VmHWM over the steps.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Callable, Iterable
 from dsparse_cli.errors import JobError
 from dsparse_cli.planning.planfile import plan_json
 from dsparse_cli.planning.profile import child_env
+from dsparse_cli.planning.replay import single_process_bytes
 
 TOLERANCE = 0.10
 
@@ -47,11 +48,11 @@ def run_step(plan_path: str | Path, rank: int, *, device: str = "cpu", timeout: 
 
 def compare(device: dict, measured: dict) -> dict:
     """Predicted (from the plan's device entry) next to measured (from `run_step`)."""
-    parts = device.get("predicted_breakdown", {})
-    state = parts.get("weights", 0) + parts.get("optimizer", 0)
-    pred_train, pred_peak = device["predicted_training_bytes"], device["predicted_peak_bytes"]
+    parts = device.get("predicted_breakdown") or {}
+    pred_train = single_process_bytes(parts) if parts else device["predicted_training_bytes"]
+    pred_peak = device["predicted_peak_bytes"] - device["predicted_training_bytes"] + pred_train
     m_train, m_peak = measured["measured_training_bytes"], measured["measured_peak_bytes"]
-    pred_step = pred_train - state
+    pred_step = pred_train - parts.get("first_step", 0) - parts.get("optimizer", 0)
     m_step = measured["measured_step_bytes"]
     err = _pct(m_train, pred_train)
     return {"name": device["name"], "rank": device["rank"], "units": device["units"],
@@ -91,4 +92,6 @@ def merge_verify(doc: dict, rows: list[dict]) -> dict:
         row = by_rank.get(dev["rank"])
         if row:
             dev.update({k: row[k] for k in keys})
+            # what one process was held to: the plan's prediction less aggregation and evaluation
+            dev["verify_predicted_training_bytes"] = row["predicted_training_bytes"]
     return doc

@@ -2,17 +2,19 @@
 
 Run as `python -m dsparse_cli.planning.verify_step --plan PLAN --rank R` in a fresh process
 started with `profile.MALLOC_ENV` (glibc returns freed memory, so RSS follows live tensors).
-Builds the model, applies the device's plan exactly as the worker does, runs warm-up steps,
-then measures one step:
+Builds the model, applies the device's plan exactly as the worker does, takes the worker's base
+point (model, optimizer and a dataset made, nothing trained: `measure.worker_setup`), runs
+warm-up steps, then measures one step:
 
-* CPU: VmHWM is reset (/proc/self/clear_refs) right before the step, after
-  `zero_grad(set_to_none=True)`; the batch is created inside the step.
-  measured_peak_bytes = VmHWM after the step (whole process);
-  measured_step_bytes = VmHWM - RSS before the step (batch + activations + gradients + working set);
-  measured_training_bytes = measured_step_bytes + weights + optimizer state (resident before the
-  step, counted from the real tensors) - the same split as the profile's training bytes.
-* CUDA (`--device cuda`): measured_training_bytes = torch.cuda.max_memory_allocated over the step
-  (weights and optimizer state live on the GPU, so they are inside it).
+* CPU: VmHWM is reset (/proc/self/clear_refs) at the base point and again right before the
+  measured step, after `zero_grad(set_to_none=True)`; the batch is created inside each step.
+  measured_training_bytes = VmHWM over all steps - RSS at the base point (what the worker's
+  meter reports: the first step's one-time bytes, optimizer state, the step's peak);
+  measured_peak_bytes = VmHWM over all steps (whole process);
+  measured_step_bytes = VmHWM over the measured step - RSS before it (batch + activations +
+  gradients + working set).
+* CUDA (`--device cuda`): measured_training_bytes = torch.cuda.max_memory_allocated over the
+  steps - memory_allocated at the base point (the weights).
 """
 
 from __future__ import annotations
@@ -25,20 +27,10 @@ import sys
 WARMUP_STEPS = 2
 
 
-def _tensor_bytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        s = t.untyped_storage()
-        if s.data_ptr() not in seen:
-            seen.add(s.data_ptr())
-            total += s.nbytes()
-    return total
-
-
 def run(plan: dict, rank: int, device: str = "cpu", warmup: int = WARMUP_STEPS) -> dict:
     import torch
 
-    from dsparse_cli.planning.measure import read_rss, reset_hwm
+    from dsparse_cli.planning.measure import worker_setup, read_rss, reset_hwm
     from dsparse_cli.runtime.models import build_model, units_from_plan
     from dsparse_cli.runtime.sparse import apply_plan, make_optimizer, set_train_mode
 
@@ -52,6 +44,7 @@ def run(plan: dict, rank: int, device: str = "cpu", warmup: int = WARMUP_STEPS) 
     opt = make_optimizer(plan["optimizer"], params, lr=1e-3) if params else None
     gen = torch.Generator().manual_seed(1)
     b, s = plan["batch_size"], plan["image_size"]
+    worker_setup(model, s, b)   # what the worker runs before its base point, as the profile does
 
     def step():
         x = torch.randn(b, 3, s, s, generator=gen).to(device=device, dtype=dtype)
@@ -61,33 +54,30 @@ def run(plan: dict, rank: int, device: str = "cpu", warmup: int = WARMUP_STEPS) 
             loss.backward()
             opt.step()
 
+    cuda = device.startswith("cuda")
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    rss_base, cuda_base = read_rss()[0], torch.cuda.memory_allocated() if cuda else 0
+    reset_hwm()
     for _ in range(warmup):
         step()
         if opt is not None:
             opt.zero_grad(set_to_none=True)
     gc.collect()
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    rss_before = read_rss()[0]
+    rss_before, warm_hwm = read_rss()
     reset_hwm()
     step()
     if cuda:
         torch.cuda.synchronize()
     rss_after, hwm = read_rss()
-    weights = _tensor_bytes(list(model.parameters()) + list(model.buffers()))
-    opt_state = _tensor_bytes(t for st in (opt.state.values() if opt else []) for t in st.values()
-                              if torch.is_tensor(t))
-    peak = max(hwm, rss_after)
+    step_peak = max(hwm, rss_after)
+    peak = max(step_peak, warm_hwm)
     out = {"name": dev["name"], "rank": rank, "device": device, "units": dev["units"],
-           "rss_before_bytes": rss_before, "measured_peak_bytes": peak, "weights_bytes": weights,
-           "optimizer_bytes": opt_state, "measured_step_bytes": peak - rss_before,
-           "measured_base_bytes": rss_before - (0 if cuda else weights + opt_state)}
-    if cuda:
-        out["measured_training_bytes"] = torch.cuda.max_memory_allocated()
-    else:
-        out["measured_training_bytes"] = peak - rss_before + weights + opt_state
+           "rss_before_bytes": rss_before, "measured_peak_bytes": peak, "measured_step_bytes": step_peak - rss_before,
+           "measured_base_bytes": rss_base,
+           "measured_training_bytes": (torch.cuda.max_memory_allocated() - cuda_base) if cuda else peak - rss_base}
     return out
 
 

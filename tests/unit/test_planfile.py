@@ -12,6 +12,7 @@ from dsparse_cli.planning.planfile import (PLAN_VERSION, budget_bytes, build_pla
 from dsparse_cli.planning.planner import Device, plan_devices
 from dsparse_cli.planning.profile import (FROZEN, PASSTHROUGH, UPDATED, Profile, UnitCost, peak_bytes,
                                           training_bytes)
+from dsparse_cli.planning.replay import plan_comm
 
 BOARDS = ["jetson", "pi-a", "pi-b"]
 
@@ -54,8 +55,10 @@ def test_document_follows_the_contract():
     assert [d["rank"] for d in doc["devices"]] == [0, 1, 2]
     assert devs["jetson"]["units"] == [0, 1, 2] and devs["pi-a"]["units"] == devs["pi-b"]["units"] == [1, 2]
     for d in doc["devices"]:
-        assert d["predicted_peak_bytes"] == peak_bytes(prof, d["units"]) <= d["budget_bytes"]
-        assert d["predicted_training_bytes"] == training_bytes(prof, d["units"])
+        comm = plan_comm(prof, doc["groups"], d["rank"])   # what its own aggregation holds
+        assert d["predicted_peak_bytes"] == peak_bytes(prof, d["units"], comm) <= d["budget_bytes"]
+        assert d["predicted_peak_bytes"] <= peak_bytes(prof, d["units"])   # what the planner sized it for
+        assert d["predicted_training_bytes"] == training_bytes(prof, d["units"], comm)
         assert d["full_update_peak_bytes"] == peak_bytes(prof, [0, 1, 2])
         assert sum(d["predicted_breakdown"].values()) == d["predicted_training_bytes"]
     assert doc["probe"]["jetson"]["cuda"] is True

@@ -8,7 +8,9 @@ import json
 import pytest
 
 from dsparse_cli.planning import profile as P
+from dsparse_cli.planning import replay as R
 from dsparse_cli.planning.profile import FROZEN, PASSTHROUGH, UPDATED, Profile, UnitCost
+from dsparse_cli.planning.replay import Comm
 
 B, D_IN, H, D_OUT = 8, 16, 32, 4
 ACT = B * H * 4  # one float32 hidden activation: 1024 bytes
@@ -92,8 +94,9 @@ def test_replay_full_update_by_hand():
     # backward: u2 7+1688+0(no grad in)+120 = 1815, u1 7+1600+100(G2)+80(grad in)+30 = 1817,
     #           u0 7+1400+120+400+50 = 1977 (the peak); optimizer 7+130+26 = 163
     assert P.live_peak_bytes(prof, {0, 1, 2}) == 1977
-    assert P.training_bytes(prof, {0, 1, 2}) == 130 + 130 + 1977   # + weights + optimizer state
-    assert P.peak_bytes(prof, {0, 1, 2}) == 5000 + 2237
+    # alone (no other board): + optimizer state; the weights are in the base (the worker's split)
+    assert P.training_bytes(prof, {0, 1, 2}, Comm()) == 130 + 1977
+    assert P.peak_bytes(prof, {0, 1, 2}, Comm()) == 5000 + 2107
 
 
 def test_replay_frozen_prefix_by_hand():
@@ -102,7 +105,9 @@ def test_replay_frozen_prefix_by_hand():
     # forward: 7+300, 7+400+500 = 907 (the peak), 7+80+10; backward u2: 7+88+120 = 215;
     # optimizer 7+100+26*100//130 = 127
     assert P.live_peak_bytes(prof, {2}) == 907
-    assert P.training_bytes(prof, {2}) == 130 + 100 + 907
+    # evaluation: the gradients (kept until the next step) + the no-grad forward, 100 + 907,
+    # is above the step's own peak
+    assert P.training_bytes(prof, {2}, Comm()) == 100 + 100 + 907
 
 
 def test_replay_passthrough_by_hand():
@@ -111,10 +116,49 @@ def test_replay_passthrough_by_hand():
     # kept: 1400 + 100 + 88 = 1588. backward: u2 7+1588+120 = 1715, u1 7+1500+100+80+20 = 1707,
     # u0 7+1400+100+400+50 = 1957 (the peak)
     assert P.live_peak_bytes(prof, {0, 2}) == 1957
-    parts = P.breakdown(prof, {0, 2})
-    assert parts == {"weights": 130, "gradients": 110, "optimizer": 110, "saved_activations": 1588,
-                     "working_set": 130 + 110 + 1957 - 130 - 110 - 110 - 1588}
-    assert sum(parts.values()) == P.training_bytes(prof, {0, 2})
+    parts = P.breakdown(prof, {0, 2}, Comm())
+    assert parts == {"first_step": 0, "optimizer": 110, "gradients": 110, "saved_activations": 1588,
+                     "working_set": 1957 - 110 - 1588, "aggregation": 0, "evaluation": 0}
+    assert sum(parts.values()) == P.training_bytes(prof, {0, 2}, Comm())
+
+
+def test_gradient_buckets_are_live_during_backward():
+    prof = hand_profile()
+    # every unit all-reduced: a bucket copy of each gradient exists from the unit's backward on.
+    # u1: 7+1600+100(G2)+100(copy of G2)+80+30 = 1917; u0: 7+1400+120+120+400+50 = 2097
+    assert P.live_peak_bytes(prof, {0, 1, 2}, shared={0, 1, 2}) == 2097
+    # only u2 shared (the others trained here alone): u0 7+1400+120+100+400+50 = 2077
+    assert P.live_peak_bytes(prof, {0, 1, 2}, shared={2}) == 2077
+    assert P.training_bytes(prof, {0, 1, 2}, Comm(frozenset({0, 1, 2}))) == 130 + 2097
+
+
+def test_broadcast_payload_and_first_step_bytes():
+    prof = hand_profile()
+    for u, b in zip(prof.units, (5, 7, 11)):
+        u.first_step_bytes = b
+    prof.eval_first_bytes = 3
+    # a board training u2 alone pays the one-time bytes of u2's backward only; one training
+    # from u0 pays all three (units after its first updated one run backward)
+    assert R.first_step_bytes(prof, {2}) == 11 and R.first_step_bytes(prof, {0, 2}) == 23
+    # it receives u0+u1 (30 bytes) flattened while its gradients exist: after the step 7+100+5000
+    big = Comm(frozenset({2}), flat_bytes=5000)
+    assert P.training_bytes(prof, {2}, big) == 11 + 3 + 100 + 7 + 100 + 5000
+    parts = P.breakdown(prof, {2}, big)
+    assert parts["first_step"] == 11 and parts["evaluation"] == 3
+    assert parts["aggregation"] == 7 + 100 + 5000 - 907 and sum(parts.values()) == P.training_bytes(prof, {2}, big)
+    assert R.single_process_bytes(parts) == P.training_bytes(prof, {2}, Comm()) - 3 - (100 + 907 - 907)
+
+
+def test_planner_sizing_is_never_below_the_plans_groups():
+    prof = hand_profile()
+    groups = [{"id": 0, "op": "allreduce", "ranks": [0, 1], "units": [1, 2]},
+              {"id": 1, "op": "broadcast", "ranks": [0, 1], "units": [0]}]
+    exact = R.plan_comm(prof, groups, 1)
+    assert exact == Comm(frozenset({1, 2}), 10)       # u0's 10 parameter bytes come to it
+    assert R.plan_comm(prof, groups, 0) == exact       # the root flattens the same payload
+    upper = R.upper_comm(prof, {1, 2})
+    assert upper.shared >= exact.shared and upper.flat_bytes >= exact.flat_bytes
+    assert P.training_bytes(prof, {1, 2}) >= P.training_bytes(prof, {1, 2}, exact)
 
 
 def test_profile_json_round_trip(tmp_path):
@@ -155,3 +199,42 @@ def test_bad_profile_inputs_are_config_errors(tmp_path, kwargs, word):
 
     with pytest.raises(ConfigError, match=word):
         P.get_profile(tmp_path, "tiny_cnn", **kwargs)
+
+
+def _seed(state_dir, **kw) -> Profile:
+    prof = hand_profile()
+    prof.model, prof.supervisor_bytes = "tiny_cnn", 6000
+    prof.key = P.profile_key("tiny_cnn", 10, 32, 4, "float32", "sgd")
+    P.save_profile(prof, P.profile_path(state_dir, prof.key))
+    return prof
+
+
+def test_torchrun_agent_is_measured_only_for_a_torchrun_plan_and_then_cached(tmp_path, monkeypatch):
+    """Measuring torchrun's agent imports torch (~3 s): a plan for dsparse's launcher never does
+    it; the first torchrun plan does, once, and the cache keeps it so plans stay byte-identical."""
+    from dsparse_cli.planning import plan_cluster
+    from dsparse_cli.planning.planfile import plan_json
+
+    calls = []
+    monkeypatch.setattr(P, "measure_launcher_bytes", lambda kind="torchrun": calls.append(kind) or 300_000)
+    monkeypatch.setattr(P, "run_profile_subprocess", lambda *a, **k: pytest.fail("the cached profile is measured"))
+    _seed(tmp_path)
+    boards = [("a", {"usable_memory_bytes": 10**6}), ("b", {"usable_memory_bytes": 10**6})]
+    kw = dict(cluster="t", boards=boards, state_dir=tmp_path, model="tiny_cnn", batch_size=4, optimizer="sgd")
+    assert plan_cluster(**kw)["launcher_bytes"] == 6000 and calls == []
+    first = plan_cluster(**kw, launcher="torchrun")
+    assert first["launcher_bytes"] == 300_000 and calls == ["torchrun"]
+    cached = P.load_profile(P.profile_path(tmp_path, first["profile_key"]))
+    assert cached.launcher_bytes == 300_000
+    assert plan_json(plan_cluster(**kw, launcher="torchrun")) == plan_json(first) and calls == ["torchrun"]
+
+
+def test_the_measuring_child_leaves_torchruns_agent_alone(monkeypatch):
+    """The profile itself (what every plan pays) measures only dsparse's own launcher."""
+    pytest.importorskip("torch")
+    from dsparse_cli.planning import measure
+
+    kinds = []
+    monkeypatch.setattr(measure, "measure_launcher_bytes", lambda kind="torchrun": kinds.append(kind) or 1)
+    prof = measure.measure_profile("tiny_cnn", batch_size=2, image_size=8, optimizer="sgd")
+    assert kinds == ["dsparse"] and prof.launcher_bytes == 0 and prof.supervisor_bytes == 1
