@@ -62,6 +62,11 @@ def write_start_script(run_dir: Path, hostname: str, mounts: str, cgroups: list[
         "#!/bin/sh",
         "set -e",
         mounts,
+        # The board's own, empty shell start-up files (this namespace only): SSH sessions run the
+        # login shell, which would source this machine's ~/.bashrc, and a `reboot` that kills one
+        # mid-way could leave this machine's state behind (pyenv's rehash lock, seen).
+        f": > {run_dir / 'bashrc'}",
+        *(f'[ -f "$HOME/{f}" ] && mount --bind {run_dir / "bashrc"} "$HOME/{f}"' for f in (".bashrc", ".profile")),
         *(f"echo $$ > {cg}/cgroup.procs" for cg in cgroups),
         f"hostname {hostname}",
         f"exec {SSHD} -D -e -f {config}",

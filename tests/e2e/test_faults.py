@@ -60,7 +60,8 @@ class Attempt:
     """One `dsparse train` run; its stderr lines are kept with the time each arrived."""
 
     def __init__(self, tb: Testbed, args: tuple[str, ...]):
-        self.proc = subprocess.Popen([sys.executable, "-m", "dsparse_cli", *args], cwd=tb.dir, text=True,
+        self.proc = subprocess.Popen([sys.executable, "-m", "dsparse_cli", *args], cwd=tb.dir, encoding="utf-8",
+                                     errors="replace",   # a bad byte must not end the reader, and the lines
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"})
         self.lines: list[tuple[float, str]] = []
@@ -298,7 +299,8 @@ def test_ctrl_c_during_the_launch(suite):
     left = wait_for(lambda: not [p for p in pids(job) if alive(p)], 15)
     row.left = 0 if left else len([p for p in pids(job) if alive(p)])
     row.named = "none (interrupted)"
-    assert rc == 130 and "interrupted during the launch" in att.text(), att.text()[-3000:]
+    assert rc == 130, att.text()[-3000:]
+    assert "interrupted during the launch" in att.text(), (att.reader.is_alive(), att.text()[-3000:])
     assert job["state"] == "stopped" and row.left == 0
 
 
