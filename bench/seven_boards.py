@@ -43,7 +43,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
-from _example import measured_base_mib, rebased  # noqa: E402
+from _example import measured_floor_mib, rebased  # noqa: E402
 from _runner import BenchError, dsparse, free_port, json_of, tail  # noqa: E402
 sys.path.insert(0, str(REPO))
 EXAMPLE = REPO / "examples" / "seven-boards.yaml"
@@ -69,8 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=None, help="scratch dir, kept (default: a temp dir, removed)")
     p.add_argument("--json", action="store_true", help="print the results JSON only")
     p.add_argument("--no-rebase", dest="rebase", action="store_false",
-                   help="use the example's limits as written (default: move them by the measured base's "
-                        "drift from the 904.7 + 292.2 MiB they were derived for; see bench/_example.py)")
+                   help="use the example's limits as written (default: move them by the drift of what training "
+                        "the classifier needs here from the 1228.8 MiB they were derived for; see bench/_example.py)")
     a = p.parse_args(argv)
     a.runs = [r.strip() for r in a.runs.split(",") if r.strip()]
     if not a.runs or any(r not in ("sparse", "ddp") for r in a.runs):
@@ -260,10 +260,10 @@ def run_all(args, work: Path) -> dict:
     if args.profiles:
         shutil.copytree(args.profiles, sparse_yaml.parent / ".dsparse" / "profiles")
     log(f"planning the example (profiles {args.model} on first use, a few minutes) in {work}")
-    base = measured_base_mib(sparse_yaml.parent / ".dsparse", args.model, args.plan_batch_size)
-    text, shift = rebased(args.example.read_text(), base) if args.rebase else (args.example.read_text(), 0.0)
+    floor = measured_floor_mib(sparse_yaml.parent / ".dsparse", args.model, args.plan_batch_size)
+    text, shift = rebased(args.example.read_text(), floor) if args.rebase else (args.example.read_text(), 0.0)
     sparse_yaml.write_text(text)
-    log(f"measured process base {base:.1f} MiB: example limits moved by {shift:+.1f} MiB")
+    log(f"training the classifier needs {floor:.1f} MiB here: example limits moved by {shift:+.1f} MiB")
     plans = {"sparse": plan(args, sparse_yaml)}
     plans["sparse"]["limit_shift_mib"] = shift
     ddp_yaml = ddp_cluster(work / "ddp" / "cluster.yaml", board_names(args.example))
