@@ -44,6 +44,22 @@ def testbed(directory: Path, *args: str) -> None:
         raise BenchError(f"edge-testbed {args[0]} failed: {(r.stderr or r.stdout).strip()[-300:]}")
 
 
+def bench_on_testbed(name: str, up_args: list[str], rate: str, as_json: bool, table, body) -> int:
+    """`edge-testbed up UP_ARGS` in a scratch dir, `body(directory, cluster.yaml)` -> the results
+    document, `down` always; saved and shown as bench/results/NAME.json. The exit status."""
+    with tempfile.TemporaryDirectory(prefix=f"{name.replace('_', '-')}-") as tmp:
+        directory = Path(tmp)
+        try:
+            testbed(directory, "up", *up_args)
+            doc = body(directory, prepare(directory, rate))
+        except BenchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            testbed(directory, "down")
+    return save_and_show(name, doc, as_json, table)
+
+
 def prepare(directory: Path, rate: str) -> Path:
     """The testbed's cluster.yaml with the link rate."""
     path = directory / "cluster.yaml"
@@ -115,19 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="wire-check-") as tmp:
-        directory = Path(tmp)
-        try:
-            testbed(directory, "up", "--boards", str(args.boards), "--rate", args.rate, "--delay", args.delay,
-                    "--memory", "1500MiB")
-            doc = {"boards": args.boards, "rate": args.rate, "delay": args.delay, "model": args.model,
-                   "batch_size": args.batch_size, "steps": args.steps, **run(prepare(directory, args.rate), args)}
-        except BenchError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        finally:
-            testbed(directory, "down")
-    return save_and_show("wire_check", doc, args.json, table)
+    up = ["--boards", str(args.boards), "--rate", args.rate, "--delay", args.delay, "--memory", "1500MiB"]
+    return bench_on_testbed("wire_check", up, args.rate, args.json, table, lambda _, cluster: {
+        "boards": args.boards, "rate": args.rate, "delay": args.delay, "model": args.model,
+        "batch_size": args.batch_size, "steps": args.steps, **run(cluster, args)})
 
 
 if __name__ == "__main__":

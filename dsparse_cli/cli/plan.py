@@ -25,8 +25,9 @@ def plan(
     exclude_small: bool = typer.Option(False, "--exclude-small", help="Leave out boards too small to train."),
     probe_first: bool = typer.Option(False, "--probe", help="Probe the boards first if the cache is missing or old."),
     push: bool = typer.Option(False, "--push", help="Copy each board's plan to its workdir."),
-    verify: bool = typer.Option(False, "--verify", help="Check the plan on this machine, not on the boards: one real "
-                                "training step per planned device, each in a fresh process; show measured vs predicted."),
+    verify: bool = typer.Option(False, "--verify", help="Check the plan where it runs: one real training step per "
+                                "planned device on its board (SSH boards over SSH, local boards here); show measured "
+                                "vs predicted."),
     accept_new_host_keys: bool = AcceptNewOpt,
 ) -> None:
     """Plan which units each board trains, and the AllReduce/Broadcast groups that aggregate them.
@@ -45,7 +46,7 @@ def plan(
                          allow_frozen=allow_frozen, exclude_small=exclude_small, objective=objective,
                          quiet=quiet)
     if verify:
-        make.verify(doc, quiet)
+        make.verify(inv, doc, options.connect_timeout, accept_new_host_keys, quiet)
     if push:
         make.push(inv, doc, options.connect_timeout, accept_new_host_keys, quiet)
     if options.json:

@@ -85,17 +85,23 @@ def probe_if_needed(inv: Inventory, connect_timeout: float, accept_new: bool, qu
                           "fix it or remove it from cluster.yaml", exit_code=1)
 
 
-def verify(doc: dict, quiet: bool) -> None:
-    """One real training step per planned device on this machine, in a fresh process each; the
-    measured memory goes into `doc` next to the prediction."""
+def verify(inv: Inventory, doc: dict, connect_timeout: float, accept_new: bool, quiet: bool) -> None:
+    """One real training step per planned device, in a fresh process on its board (SSH boards
+    over SSH, local ones here); the measured memory goes into `doc` next to the prediction."""
     from dsparse_cli.planning.verify import merge_verify, verify_plan
+    from dsparse_cli.remote import connect
 
     def progress(row: dict) -> None:
         if not quiet:
-            info(f"verified rank {row['rank']}: measured training {format_size(row['measured_training_bytes'])}"
-                 f" vs predicted {format_size(row['predicted_training_bytes'])} ({row['error_pct']:+.1f}%)")
+            info(f"verified rank {row['rank']} ({row['name']}, on host {row.get('host') or '?'}): measured "
+                 f"training {format_size(row['measured_training_bytes'])} vs predicted "
+                 f"{format_size(row['predicted_training_bytes'])} ({row['error_pct']:+.1f}%)")
 
-    rows = verify_plan(doc, progress=progress)
+    def reach(target):
+        return connect(target, connect_timeout=connect_timeout, accept_new_host_keys=accept_new)
+
+    boards = {b.name: b for b in inv.boards}
+    rows = verify_plan(doc, boards=boards, connect=reach, progress=progress)
     merge_verify(doc, rows)
     off = [r for r in rows if not r["within_tolerance"]]
     if off and not quiet:

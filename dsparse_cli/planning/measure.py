@@ -20,15 +20,11 @@ from dsparse_cli.errors import ConfigError, DsparseError
 from dsparse_cli.planning.profile import (MALLOC_ENV, Profile, UnitCost, measure_launcher_bytes, profile_key,
                                           save_profile)
 from dsparse_cli.planning.replay import FROZEN, PASSTHROUGH, UPDATED, live_peak_bytes
-from dsparse_cli.runtime.memory import current_rss, peak_rss, reset_peak_rss
+from dsparse_cli.runtime.memory import reset_peak_rss
+from dsparse_cli.runtime.verify_step import read_rss, worker_setup
 
 WARMUP_STEPS = 2
 MEASURED_STEPS = 2
-
-
-def read_rss() -> tuple[int, int]:
-    """(current RSS, peak RSS since the last reset) of this process, bytes."""
-    return current_rss(), peak_rss()
 
 
 def reset_hwm() -> None:
@@ -192,26 +188,6 @@ def _rss_file() -> int:
     """File-backed resident bytes (mapped libraries) of this process."""
     with open("/proc/self/status") as fh:
         return next((int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("RssFile:")), 0)
-
-
-def worker_setup(model, image_size: int, batch_size: int) -> None:
-    """What every worker runs before its base point that a training step runs again: a dataset
-    made and a batch drawn (the synthetic one: shipped, no files; digits and image folders touch
-    at least as much), and the start-up broadcast's flatten / unflatten / copy of the weights.
-    The kernel code they page in is in the worker's base, so it must be in ours too, or the
-    first step's one-time bytes come out ~4 MiB too high."""
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-    from dsparse_cli.runtime import data as datamod
-
-    ds = datamod.load_dataset("synthetic", image_size=image_size, seed=0, rank=0, world=1,
-                              synthetic_samples=2 * batch_size + 8)
-    next(iter(datamod.batches_for(ds, 0, 1, 0, 0, batch_size)))
-    tensors = [p.data for p in model.parameters()] + list(model.buffers())
-    for dtype in {t.dtype for t in tensors}:
-        bucket = [t for t in tensors if t.dtype == dtype]
-        for t, v in zip(bucket, _unflatten_dense_tensors(_flatten_dense_tensors(bucket), bucket)):
-            t.copy_(v)
 
 
 def _first_steps(torch, model, units, optimizer: str, batch_fn) -> dict:

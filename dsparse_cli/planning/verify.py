@@ -1,5 +1,9 @@
 """`dsparse plan --verify`: run one real training step per device under its plan, each in a fresh
-subprocess on this machine, and put measured next to predicted memory.
+process on the board itself, and put measured next to predicted memory.
+
+Where the step runs: an SSH board runs it with its own python, memory, CPUs and cgroup (the SSH
+session lands where the board's sshd runs), from the runtime shipped as for a job; a local board
+is this machine, so its step is a subprocess here.
 
 Both sides use the worker's split (see `replay` and `verify_step`):
 * training bytes = the peak above the base point (model and optimizer made, nothing run) over the
@@ -14,6 +18,7 @@ Both sides use the worker's split (see `replay` and `verify_step`):
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -21,9 +26,11 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from dsparse_cli.errors import JobError
+from dsparse_cli.inventory import Target
 from dsparse_cli.planning.planfile import plan_json
-from dsparse_cli.planning.profile import child_env
+from dsparse_cli.planning.profile import MALLOC_ENV, child_env
 from dsparse_cli.planning.replay import single_process_bytes
+from dsparse_cli.remote.base import Transport
 
 TOLERANCE = 0.10
 
@@ -33,16 +40,44 @@ def _pct(measured: int, predicted: int) -> float:
 
 
 def run_step(plan_path: str | Path, rank: int, *, device: str = "cpu", timeout: float = 600) -> dict:
-    argv = [sys.executable, "-m", "dsparse_cli.planning.verify_step", "--plan", str(plan_path),
+    argv = [sys.executable, "-m", "dsparse_cli.runtime.verify_step", "--plan", str(plan_path),
             "--rank", str(rank), "--device", device]
     try:
         proc = subprocess.run(argv, env=child_env(), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise JobError(f"verify step for rank {rank} took longer than {timeout:.0f} s") from None
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1:] or ["no output"]
-        raise JobError(f"verify step for rank {rank} failed: {last[0]}")
+    return _step_result(proc.returncode, proc.stdout, proc.stderr, f"rank {rank}")
+
+
+def run_step_on_board(transport: Transport, target: Target, plan_path: Path, rank: int, *,
+                      device: str = "cpu", timeout: float = 600) -> dict:
+    """The step on an SSH board: the runtime shipped to <workdir>/pkg as for a job (and kept
+    there for it), the plan to <workdir>/verify/plan.json, run by the board's python."""
+    from dsparse_cli.jobs.shipping import ship_runtime
+    from dsparse_cli.remote.shell import sh_path
+
+    workdir = target.workdir.rstrip("/")
+    pkg, remote_plan = f"{workdir}/pkg", f"{workdir}/verify/plan.json"
+    ship_runtime(transport, pkg, plan_path.parent)
+    transport.put(str(plan_path), remote_plan)
+    env = [f"{k}={shlex.quote(v)}" for k, v in MALLOC_ENV.items()] + [f"PYTHONPATH={sh_path(pkg)}"]
+    if target.threads:
+        from dsparse_cli.runtime.cpus import THREADS_ENV
+
+        env.append(f"{THREADS_ENV}={target.threads}")
+    cmd = " ".join(["env", *env, shlex.quote(target.python), "-m", "dsparse_cli.runtime.verify_step",
+                    "--plan", sh_path(remote_plan), "--rank", str(rank), "--device", shlex.quote(device)])
+    res = transport.run(cmd, timeout=timeout)
+    if res.timed_out:
+        raise JobError(f"verify step on {target.name} took longer than {timeout:.0f} s")
+    return _step_result(res.rc, res.stdout, res.stderr, f"on {target.name}")
+
+
+def _step_result(rc: int, stdout: str, stderr: str, where: str) -> dict:
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+    if rc != 0 or not lines:
+        last = [ln for ln in stderr.splitlines() if ln.strip()][-1:] or [f"exit code {rc}, no output"]
+        raise JobError(f"verify step {where} failed: {last[0]}")
     return json.loads(lines[-1])
 
 
@@ -61,13 +96,17 @@ def compare(device: dict, measured: dict) -> dict:
             "peak_error_pct": _pct(m_peak, pred_peak), "predicted_step_bytes": pred_step,
             "measured_step_bytes": m_step, "step_error_pct": _pct(m_step, pred_step),
             "measured_base_bytes": measured.get("measured_base_bytes"), "device": measured.get("device", "cpu"),
+            "host": measured.get("host"), "cgroup": measured.get("cgroup"),
             "within_tolerance": abs(err) <= 100 * TOLERANCE}
 
 
-def verify_plan(doc: dict, *, ranks: Iterable[int] | None = None, device: str = "cpu", timeout: float = 600,
+def verify_plan(doc: dict, *, boards: dict[str, Target] | None = None, connect: Callable | None = None,
+                ranks: Iterable[int] | None = None, device: str = "cpu", timeout: float = 600,
                 progress: Callable[[dict], None] | None = None) -> list[dict]:
-    """One measured step per device (one at a time: they would compete for the cores).
-    Returns `compare` rows in rank order; `progress(row)` is called after each."""
+    """One measured step per device, one at a time (local boards would compete for the cores).
+    A device whose board in `boards` is an SSH board runs it there, through `connect(target)`
+    (a Transport context manager); the others here. Returns `compare` rows in rank order;
+    `progress(row)` is called after each."""
     wanted = set(ranks) if ranks is not None else None
     rows = []
     with tempfile.TemporaryDirectory(prefix="dsparse-verify-") as tmp:
@@ -76,7 +115,13 @@ def verify_plan(doc: dict, *, ranks: Iterable[int] | None = None, device: str = 
         for dev in doc["devices"]:
             if wanted is not None and dev["rank"] not in wanted:
                 continue
-            row = compare(dev, run_step(path, dev["rank"], device=device, timeout=timeout))
+            target = (boards or {}).get(dev["name"])
+            if target is not None and not target.local and connect is not None:
+                with connect(target) as transport:
+                    measured = run_step_on_board(transport, target, path, dev["rank"], device=device, timeout=timeout)
+            else:
+                measured = run_step(path, dev["rank"], device=device, timeout=timeout)
+            row = compare(dev, measured)
             rows.append(row)
             if progress:
                 progress(row)
@@ -92,6 +137,7 @@ def merge_verify(doc: dict, rows: list[dict]) -> dict:
         row = by_rank.get(dev["rank"])
         if row:
             dev.update({k: row[k] for k in keys})
+            dev["verified_on"] = {"host": row.get("host"), "cgroup": row.get("cgroup")}
             # what one process was held to: the plan's prediction less aggregation and evaluation
             dev["verify_predicted_training_bytes"] = row["predicted_training_bytes"]
     return doc

@@ -76,15 +76,25 @@ def create_child(h: Hierarchy, parent: str, name: str, limit: int | None) -> str
     path = Path(parent) / name
     path.mkdir(exist_ok=True)
     if limit is not None:
-        if h.version == 1:
-            _write(path / "memory.limit_in_bytes", limit)
-            if (path / "memory.memsw.limit_in_bytes").exists():
-                _write(path / "memory.memsw.limit_in_bytes", limit)   # no swap beyond the limit
-        else:
-            _write(path / "memory.max", limit)
-            if (path / "memory.swap.max").exists():
-                _write(path / "memory.swap.max", 0)
+        set_limit(h.version, str(path), limit)
     return str(path)
+
+
+def set_limit(h_version: int, path: str, limit: int) -> None:
+    """The cgroup's memory limit, swap included (no swap beyond it). v1 keeps memsw >= memory at
+    every moment, so a lower limit is written memory first, a higher one memsw first."""
+    p = Path(path)
+    if h_version == 2:
+        _write(p / "memory.max", limit)
+        if (p / "memory.swap.max").exists():
+            _write(p / "memory.swap.max", 0)
+        return
+    memsw = p / "memory.memsw.limit_in_bytes"
+    names = ["memory.limit_in_bytes"] + (["memory.memsw.limit_in_bytes"] if memsw.exists() else [])
+    if memsw.exists() and limit > int(_read(memsw).strip() or 0):
+        names.reverse()
+    for name in names:
+        _write(p / name, limit)
 
 
 def set_cpus(h_version: int, path: str, cpus: float) -> None:
@@ -121,6 +131,16 @@ def usage_of(h_version: int, path: str) -> int | None:
 
 def procs(path: str) -> list[int]:
     return [int(p) for p in _read(Path(path) / "cgroup.procs").split() if p.isdigit()]
+
+
+def anon_bytes(path: str) -> int:
+    """Private (anonymous) resident memory of the processes in the cgroup now: what the board's
+    own system (its sshd) holds, page cache left out (the kernel reclaims it under the limit)."""
+    total = 0
+    for pid in procs(path):
+        status = _read(Path(f"/proc/{pid}/status"))
+        total += next((int(ln.split()[1]) * 1024 for ln in status.splitlines() if ln.startswith("RssAnon:")), 0)
+    return total
 
 
 def kill_all(paths: list[str], timeout: float = 10.0) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import status, testbed
 from .errors import TestbedError
-from .profiles import boards_for, parse_delay, parse_rate
+from .profiles import boards_for, parse_delay, parse_rate, parse_size
 
 NOT_ROOT = "edge-testbed needs root (network namespaces, cgroups); run it with sudo"
 TOOLS = [("ip", "iproute2"), ("ssh-keygen", "openssh-client"), ("unshare", "util-linux")]
@@ -54,6 +54,11 @@ def parser() -> argparse.ArgumentParser:
     rb = sub.add_parser("reboot", help="power-cycle a board: kill everything on it, then start its sshd again")
     rb.add_argument("board")
     rb.add_argument("--down-for", type=float, default=2.0, metavar="SECONDS", help="how long it stays off")
+    mem = sub.add_parser("memory", help="change a board's memory limit, live: memory BOARD 900MiB")
+    mem.add_argument("board")
+    mem.add_argument("size")
+    mem.add_argument("--above-idle", action="store_true",
+                     help="SIZE on top of what the board's own processes (its sshd) hold now")
     for s in sub.choices.values():
         s.add_argument("--dir", default=".testbed", help="testbed directory (default .testbed/)")
     return p
@@ -108,6 +113,10 @@ def run(args) -> int:
     if args.cmd == "reboot":
         b = testbed.reboot(directory, args.board, max(0.0, args.down_for))
         print(f"reboot {b['name']}: back up (sshd pid {b['sshd_pid']})")
+        return 0
+    if args.cmd == "memory":
+        b = testbed.memory(directory, args.board, parse_size(args.size), args.above_idle)
+        print(f"memory {b['name']}: limit {b['memory'] >> 20} MiB")
         return 0
     rate = parse_rate(args.rate) if args.rate else None
     delay = parse_delay(args.delay) if args.delay else None

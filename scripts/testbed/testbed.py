@@ -292,6 +292,19 @@ def reboot(directory: Path, board: str, down_s: float = 2.0) -> dict:
     return b
 
 
+def memory(directory: Path, board: str, limit: int, above_idle: bool = False) -> dict:
+    """A new memory limit for a board, live (its cgroup; swap capped with it, as `up` does).
+    `above_idle`: `limit` on top of what the board's own processes hold now (its sshd), so a job
+    gets `limit` whatever the board runs besides it."""
+    rec, b = _up_board(directory, board)
+    if above_idle:
+        limit += cgroups.anon_bytes(b["cgroup"])
+    cgroups.set_limit(rec["cgroup"]["version"], b["cgroup"], limit)
+    b["memory"] = limit
+    record.save(directory, rec)
+    return b
+
+
 def _up_board(directory: Path, board: str) -> tuple[dict, dict]:
     rec = record.load(directory)
     if rec is None or rec.get("state") != "up":

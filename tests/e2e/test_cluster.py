@@ -1,7 +1,10 @@
 """dsparse end to end on the emulated edge cluster (issue #6): four boards, each its own network
 namespace, sshd, memory cgroup and emulated link.
 
-1. probe -> plan --push -> train digits for 2 epochs -> status, with no board OOM-killed;
+1. probe -> plan --push --verify (each board's step runs on that board, in its cgroup) -> every
+   board's memory limit set 5 % above what the plan predicts it needs -> train digits for 2 epochs
+   -> status, with no board OOM-killed and every board's measured peak training memory within
+   10 % of the prediction (issue #13);
 2. a full update that does not fit a board's limit is refused by `dsparse plan`.
 
 Faults (a link down, a killed worker, ...) are the fault suite's, in test_faults.py.
@@ -29,6 +32,8 @@ BOARDS = ("b0", "b1", "b2", "b3")
 # Room on each board beyond what the plan counts (worker peak + its launcher): sshd, the
 # shell, page cache.
 ROOM_MIB = 100
+NEED_MARGIN = 0.05                   # the limits the job runs under: 5 % above the predicted need
+PEAK_TOLERANCE = 0.10                # measured peak training memory vs the plan's prediction
 ACCURACY_FLOOR = 0.30                # 2 epochs of tiny_cnn on digits reach ~0.44 here; chance is 0.10
 COLLECTIVE_TIMEOUT = 20
 TRAIN = ("train", "--dataset", "digits", "--batch-size", "16", "--lr", "0.1",
@@ -63,7 +68,8 @@ def test_probe_plan_train_status_without_oom(cluster):
         assert b["cgroup_limit_bytes"] == limit
         assert abs(b["usable_memory_bytes"] - limit) / limit < 0.03, (name, b["usable_memory_bytes"], limit)
 
-    proc = run_cli("plan", "--model", "tiny_cnn", "--batch-size", "16", "--push", "--json", cwd=tb.dir, timeout=240)
+    proc = run_cli("plan", "--model", "tiny_cnn", "--batch-size", "16", "--push", "--verify", "--json",
+                   cwd=tb.dir, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     plan = json.loads(proc.stdout)
     assert [d["name"] for d in plan["devices"]] == list(BOARDS)
@@ -72,17 +78,33 @@ def test_probe_plan_train_status_without_oom(cluster):
         assert d["predicted_peak_bytes"] + plan["launcher_bytes"] <= d["budget_bytes"]
         pushed = json.loads(Path(tb.board(d["name"])["workdir"], "plan.json").read_text())
         assert pushed["profile_key"] == plan["profile_key"]
+        # --verify ran this board's step on the board: its host, its memory cgroup
+        on = d["verified_on"]
+        assert on["host"] == probed[d["name"]]["hostname"], (d["name"], on)
+        assert on["cgroup"] and tb.board(d["name"])["cgroup"].endswith(on["cgroup"]), (d["name"], on)
+        assert d["measured_training_bytes"] > 0
+        print(f"{d['name']}: verify step measured {d['measured_training_bytes'] / MiB:.1f} MiB of training memory, "
+              f"{d['error_pct']:+.1f} % against the prediction")
+
+    for d in plan["devices"]:    # the job's limit: 5 % above its need, on top of the board's own sshd
+        need = d["predicted_peak_bytes"] + plan["launcher_bytes"]
+        res = tb.cli("memory", d["name"], f"{int(need * (1 + NEED_MARGIN))}B", "--above-idle")
+        assert res.returncode == 0, res.stderr
 
     proc = run_cli(*TRAIN, "--epochs", "2", "--json", cwd=tb.dir, timeout=500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
     assert summary["state"] == "finished" and summary["accuracy"] >= ACCURACY_FLOOR, summary["accuracy"]
-    for name in BOARDS:
-        cg = tb.board(name)["cgroup"]
+    measured = {b["name"]: b["peak_memory_bytes"] for b in summary["boards"]}
+    for d in plan["devices"]:
+        name, cg = d["name"], tb.board(d["name"])["cgroup"]
         assert oom_kills(cg) == 0, f"{name} was OOM-killed"
         peak = peak_usage(cg)
-        print(f"{name}: cgroup peak {peak and peak / MiB:.0f} MiB of {tb.board(name)['memory'] / MiB:.0f} MiB")
+        print(f"{name}: cgroup peak {peak and peak / MiB:.0f} MiB of {tb.board(name)['memory'] / MiB:.0f} MiB; "
+              f"peak training memory {measured[name] / MiB:.1f} MiB, predicted {d['predicted_training_bytes'] / MiB:.1f}")
         assert peak is None or peak < tb.board(name)["memory"]
+        assert abs(measured[name] - d["predicted_training_bytes"]) <= PEAK_TOLERANCE * d["predicted_training_bytes"], \
+            (name, measured[name], d["predicted_training_bytes"])
 
     proc = run_cli("status", "--json", cwd=tb.dir, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -1,10 +1,12 @@
 """One measured training step under a device's plan; prints one JSON line.
 
-Run as `python -m dsparse_cli.planning.verify_step --plan PLAN --rank R` in a fresh process
-started with `profile.MALLOC_ENV` (glibc returns freed memory, so RSS follows live tensors).
+Run as `python -m dsparse_cli.runtime.verify_step --plan PLAN --rank R` in a fresh process
+started with `profile.MALLOC_ENV` (glibc returns freed memory, so RSS follows live tensors), on
+this machine or on the board itself (`dsparse plan --verify`: it is part of the shipped runtime,
+so torch and the standard library only).
 Builds the model, applies the device's plan exactly as the worker does, takes the worker's base
 point (model, optimizer and a dataset made, nothing trained: `measure.worker_setup`), runs
-warm-up steps, then measures one step:
+warm-up steps, then measures one step, with the worker's thread count (`job_setup.set_threads`):
 
 * CPU: VmHWM is reset (/proc/self/clear_refs) at the base point and again right before the
   measured step, after `zero_grad(set_to_none=True)`; the batch is created inside each step.
@@ -27,14 +29,54 @@ import sys
 WARMUP_STEPS = 2
 
 
+def read_rss() -> tuple[int, int]:
+    """(current RSS, peak RSS since the last reset) of this process, bytes."""
+    from dsparse_cli.runtime.memory import current_rss, peak_rss
+
+    return current_rss(), peak_rss()
+
+
+def reset_hwm() -> None:
+    from dsparse_cli.runtime.memory import reset_peak_rss
+
+    if not reset_peak_rss():
+        raise SystemExit("cannot reset the peak RSS (/proc/self/clear_refs refused): verify on Linux "
+                         "with a writable /proc")
+
+
+def worker_setup(model, image_size: int, batch_size: int) -> None:
+    """What every worker runs before its base point that a training step runs again: a dataset
+    made and a batch drawn (the synthetic one: shipped, no files; digits and image folders touch
+    at least as much), and the start-up broadcast's flatten / unflatten / copy of the weights.
+    The kernel code they page in is in the worker's base, so it must be in ours too, or the
+    first step's one-time bytes come out ~4 MiB too high."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    from dsparse_cli.runtime import data as datamod
+
+    ds = datamod.load_dataset("synthetic", image_size=image_size, seed=0, rank=0, world=1,
+                              synthetic_samples=2 * batch_size + 8)
+    next(iter(datamod.batches_for(ds, 0, 1, 0, 0, batch_size)))
+    tensors = [p.data for p in model.parameters()] + list(model.buffers())
+    for dtype in {t.dtype for t in tensors}:
+        bucket = [t for t in tensors if t.dtype == dtype]
+        for t, v in zip(bucket, _unflatten_dense_tensors(_flatten_dense_tensors(bucket), bucket)):
+            t.copy_(v)
+
+
+
 def run(plan: dict, rank: int, device: str = "cpu", warmup: int = WARMUP_STEPS) -> dict:
+    import platform
+
     import torch
 
-    from dsparse_cli.planning.measure import worker_setup, read_rss, reset_hwm
+    from dsparse_cli.runtime.job_setup import set_threads
+
     from dsparse_cli.runtime.models import build_model, units_from_plan
     from dsparse_cli.runtime.sparse import apply_plan, make_optimizer, set_train_mode
 
     dev = next(d for d in plan["devices"] if d["rank"] == rank)
+    threads = set_threads()
     torch.manual_seed(0)
     dtype = getattr(torch, plan.get("dtype", "float32"))
     model = build_model(plan["model"], plan["num_classes"]).to(device=device, dtype=dtype)
@@ -76,13 +118,28 @@ def run(plan: dict, rank: int, device: str = "cpu", warmup: int = WARMUP_STEPS) 
     peak = max(step_peak, warm_hwm)
     out = {"name": dev["name"], "rank": rank, "device": device, "units": dev["units"],
            "rss_before_bytes": rss_before, "measured_peak_bytes": peak, "measured_step_bytes": step_peak - rss_before,
-           "measured_base_bytes": rss_base,
+           "measured_base_bytes": rss_base, "host": platform.node(), "threads": threads,
+           "cgroup": _memory_cgroup(),
            "measured_training_bytes": (torch.cuda.max_memory_allocated() - cuda_base) if cuda else peak - rss_base}
     return out
 
 
+def _memory_cgroup() -> str | None:
+    """This process's memory cgroup (v1 `memory` controller or v2), as /proc/self/cgroup names it."""
+    try:
+        with open("/proc/self/cgroup") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return path
+    return next((ln.split(":", 2)[2] for ln in lines if ln.startswith("0::")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dsparse_cli.planning.verify_step")
+    ap = argparse.ArgumentParser(prog="python -m dsparse_cli.runtime.verify_step")
     ap.add_argument("--plan", required=True)
     ap.add_argument("--rank", type=int, required=True)
     ap.add_argument("--device", default="cpu")
