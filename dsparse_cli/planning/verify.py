@@ -22,6 +22,8 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -31,6 +33,7 @@ from dsparse_cli.planning.planfile import plan_json
 from dsparse_cli.planning.profile import MALLOC_ENV, child_env
 from dsparse_cli.planning.replay import single_process_bytes
 from dsparse_cli.remote.base import Transport
+from dsparse_cli.runtime.cpus import THREADS_ENV, process_cpus
 
 TOLERANCE = 0.10
 
@@ -39,11 +42,14 @@ def _pct(measured: int, predicted: int) -> float:
     return round(100.0 * (measured - predicted) / predicted, 2) if predicted else 0.0
 
 
-def run_step(plan_path: str | Path, rank: int, *, device: str = "cpu", timeout: float = 600) -> dict:
+def run_step(plan_path: str | Path, rank: int, *, device: str = "cpu", timeout: float = 600,
+             threads: int | None = None) -> dict:
+    """The step in a subprocess here; `threads`: its torch threads (default: this machine's CPUs)."""
     argv = [sys.executable, "-m", "dsparse_cli.runtime.verify_step", "--plan", str(plan_path),
             "--rank", str(rank), "--device", device]
+    env = child_env() | ({THREADS_ENV: str(threads)} if threads else {})
     try:
-        proc = subprocess.run(argv, env=child_env(), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise JobError(f"verify step for rank {rank} took longer than {timeout:.0f} s") from None
     return _step_result(proc.returncode, proc.stdout, proc.stderr, f"rank {rank}")
@@ -58,12 +64,12 @@ def run_step_on_board(transport: Transport, target: Target, plan_path: Path, ran
 
     workdir = target.workdir.rstrip("/")
     pkg, remote_plan = f"{workdir}/pkg", f"{workdir}/verify/plan.json"
-    ship_runtime(transport, pkg, plan_path.parent)
+    staging = plan_path.parent / target.name   # its own: boards are verified at once
+    staging.mkdir(exist_ok=True)
+    ship_runtime(transport, pkg, staging)
     transport.put(str(plan_path), remote_plan)
     env = [f"{k}={shlex.quote(v)}" for k, v in MALLOC_ENV.items()] + [f"PYTHONPATH={sh_path(pkg)}"]
     if target.threads:
-        from dsparse_cli.runtime.cpus import THREADS_ENV
-
         env.append(f"{THREADS_ENV}={target.threads}")
     cmd = " ".join(["env", *env, shlex.quote(target.python), "-m", "dsparse_cli.runtime.verify_step",
                     "--plan", sh_path(remote_plan), "--rank", str(rank), "--device", shlex.quote(device)])
@@ -103,29 +109,45 @@ def compare(device: dict, measured: dict) -> dict:
 def verify_plan(doc: dict, *, boards: dict[str, Target] | None = None, connect: Callable | None = None,
                 ranks: Iterable[int] | None = None, device: str = "cpu", timeout: float = 600,
                 progress: Callable[[dict], None] | None = None) -> list[dict]:
-    """One measured step per device, one at a time (local boards would compete for the cores).
+    """One measured step per device, all at once: each is its own process, whose memory the
+    others do not change (local boards share this machine's cores, at most one step per CPU).
     A device whose board in `boards` is an SSH board runs it there, through `connect(target)`
     (a Transport context manager); the others here. Returns `compare` rows in rank order;
-    `progress(row)` is called after each."""
+    `progress(row)` is called as each ends. The first failure is raised once all have ended."""
     wanted = set(ranks) if ranks is not None else None
-    rows = []
+    devices = [d for d in doc["devices"] if wanted is None or d["rank"] in wanted]
     with tempfile.TemporaryDirectory(prefix="dsparse-verify-") as tmp:
         path = Path(tmp) / "plan.json"
         path.write_text(plan_json(doc))
-        for dev in doc["devices"]:
-            if wanted is not None and dev["rank"] not in wanted:
-                continue
+        # local steps share this machine: as many at once as there are CPUs, one thread each
+        # (more threads than cores spin and take twice the CPU time)
+        local = [d for d in devices if not _remote((boards or {}).get(d["name"]), connect)]
+        cpus = process_cpus()
+        slots = max(1, min(cpus, len(local)))
+        local_slots = threading.BoundedSemaphore(slots)
+
+        def one(dev: dict) -> dict:
             target = (boards or {}).get(dev["name"])
-            if target is not None and not target.local and connect is not None:
+            if _remote(target, connect):
                 with connect(target) as transport:
                     measured = run_step_on_board(transport, target, path, dev["rank"], device=device, timeout=timeout)
             else:
-                measured = run_step(path, dev["rank"], device=device, timeout=timeout)
+                with local_slots:
+                    measured = run_step(path, dev["rank"], device=device, timeout=timeout,
+                                        threads=max(1, cpus // slots))
             row = compare(dev, measured)
-            rows.append(row)
             if progress:
                 progress(row)
-    return rows
+            return row
+
+        with ThreadPoolExecutor(max_workers=max(1, len(devices))) as pool:
+            futures = [pool.submit(one, dev) for dev in devices]
+            wait(futures)
+        return [f.result() for f in futures]
+
+
+def _remote(target: Target | None, connect: Callable | None) -> bool:
+    return target is not None and not target.local and connect is not None
 
 
 def merge_verify(doc: dict, rows: list[dict]) -> dict:
