@@ -25,7 +25,10 @@ def predicted_needs(state_dir: Path, batch_size: int) -> tuple[int, int]:
 
 
 def up_args(boards: int, memory_mib: int, delay: str = "2ms") -> list[str]:
-    return ["--boards", str(boards), "--memory", f"{memory_mib}MiB", "--rate", "100mbit", "--delay", delay]
+    """One CPU per board (a quota): each worker runs one torch thread, as on a one-core board, not
+    the two this machine's cores would give it: 3-4 boards x 2 threads on 2 cores spin."""
+    return ["--boards", str(boards), "--memory", f"{memory_mib}MiB", "--rate", "100mbit", "--delay", delay,
+            "--cpus", "1"]
 
 
 def latest_job(d: Path) -> dict | None:
