@@ -31,8 +31,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
-from _runner import BenchError, dsparse, json_of, tail  # noqa: E402
-from wire_check import bench_on_testbed, testbed  # noqa: E402
+from _runner import dsparse, json_of  # noqa: E402
+from wire_check import bench_on_testbed, cli_for, testbed  # noqa: E402
 
 MiB = 1 << 20
 NEED_MARGIN = 0.05
@@ -59,12 +59,7 @@ def set_allowances(cluster: Path, allowances: list[int]) -> None:
 
 
 def run(directory: Path, cluster: Path, args) -> dict:
-    def cli(*argv, timeout=1800):
-        r = dsparse(["-c", str(cluster), *argv], cluster.parent, timeout)
-        if r.returncode:
-            raise BenchError(f"dsparse {argv[0]} failed: {tail(r.stderr or r.stdout)}")
-        return r
-
+    cli = cli_for(cluster)
     cli("probe", "--accept-new-host-keys", timeout=300)
     plan_args = ["plan", "--model", args.model, "--image-size", str(args.image_size),
                  "--batch-size", str(args.batch_size), "--json"]

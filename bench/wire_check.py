@@ -78,12 +78,18 @@ def grade(path: Path, least: int, full: int) -> None:
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
-def run(cluster: Path, args) -> dict:
-    def cli(*argv, timeout=900):
+def cli_for(cluster: Path):
+    """`dsparse -c CLUSTER ARGS` run in the cluster's folder; a failure is a BenchError."""
+    def cli(*argv, timeout=1800):
         r = dsparse(["-c", str(cluster), *argv], cluster.parent, timeout)
         if r.returncode:
             raise BenchError(f"dsparse {argv[0]} failed: {(r.stderr or r.stdout).strip()[-400:]}")
         return r
+    return cli
+
+
+def run(cluster: Path, args) -> dict:
+    cli = cli_for(cluster)
     cli("probe", "--accept-new-host-keys", timeout=300)
     plan_args = ["plan", "--model", args.model, "--batch-size", str(args.batch_size), "--json"]
     first = json.loads(cli(*plan_args).stdout)

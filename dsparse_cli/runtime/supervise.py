@@ -42,24 +42,32 @@ def _die_with_parent() -> None:
         pass
 
 
+def memory_cgroups(text: str | None = None) -> list[tuple[int, str]]:
+    """This process's memory cgroups, as /proc/self/cgroup (or `text`) names them: (1, path) for
+    cgroup v1's memory controller, (2, path) for the unified hierarchy (a hybrid host lists
+    both); [] if unreadable."""
+    if text is None:
+        try:
+            with open("/proc/self/cgroup") as fh:
+                text = fh.read()
+        except OSError:
+            return []
+    entries = [line.split(":", 2) for line in text.splitlines()]
+    found = []
+    for entry in entries:
+        if len(entry) == 3 and not entry[1]:
+            found.append((2, entry[2]))
+        elif len(entry) == 3 and "memory" in entry[1].split(","):
+            found.append((1, entry[2]))
+    return found
+
+
 def oom_kills() -> int | None:
     """The OOM kills counted in this process's memory cgroup (v2 `memory.events`, v1
     `memory.oom_control`), if readable."""
-    try:
-        with open("/proc/self/cgroup") as fh:
-            entries = [line.rstrip("\n").split(":", 2) for line in fh]
-    except OSError:
-        return None
-    for entry in entries:
-        if len(entry) != 3:
-            continue
-        controllers, path = entry[1], entry[2]
-        if not controllers:
-            counter = f"/sys/fs/cgroup{path}/memory.events"
-        elif "memory" in controllers.split(","):
-            counter = f"/sys/fs/cgroup/memory{path}/memory.oom_control"
-        else:
-            continue
+    for version, path in memory_cgroups():
+        counter = (f"/sys/fs/cgroup{path}/memory.events" if version == 2
+                   else f"/sys/fs/cgroup/memory{path}/memory.oom_control")
         try:
             with open(counter) as fh:
                 return next(int(line.split()[1]) for line in fh if line.startswith("oom_kill "))

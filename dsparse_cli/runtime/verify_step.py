@@ -5,7 +5,8 @@ started with `profile.MALLOC_ENV` (glibc returns freed memory, so RSS follows li
 this machine or on the board itself (`dsparse plan --verify`: it is part of the shipped runtime,
 so torch and the standard library only).
 Builds the model, applies the device's plan exactly as the worker does, takes the worker's base
-point (model, optimizer and a dataset made, nothing trained: `measure.worker_setup`), runs
+point (model, optimizer and a dataset made, nothing trained: `worker_setup`, which the
+profiler runs too), runs
 warm-up steps, then measures one step, with the worker's thread count (`job_setup.set_threads`):
 
 * CPU: VmHWM is reset (/proc/self/clear_refs) at the base point and again right before the
@@ -62,7 +63,6 @@ def worker_setup(model, image_size: int, batch_size: int) -> None:
         bucket = [t for t in tensors if t.dtype == dtype]
         for t, v in zip(bucket, _unflatten_dense_tensors(_flatten_dense_tensors(bucket), bucket)):
             t.copy_(v)
-
 
 
 def run(plan: dict, rank: int, device: str = "cpu", warmup: int = WARMUP_STEPS) -> dict:
@@ -125,17 +125,11 @@ def run(plan: dict, rank: int, device: str = "cpu", warmup: int = WARMUP_STEPS) 
 
 
 def _memory_cgroup() -> str | None:
-    """This process's memory cgroup (v1 `memory` controller or v2), as /proc/self/cgroup names it."""
-    try:
-        with open("/proc/self/cgroup") as fh:
-            lines = fh.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            return path
-    return next((ln.split(":", 2)[2] for ln in lines if ln.startswith("0::")), None)
+    """This process's memory cgroup path (v1's memory controller where a hybrid host has both)."""
+    from dsparse_cli.runtime.supervise import memory_cgroups
+
+    found = sorted(memory_cgroups())
+    return found[0][1] if found else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -95,3 +95,12 @@ def _alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except FileNotFoundError:
         return False
+
+
+def test_memory_cgroups_reads_v1_v2_and_hybrid_hosts():
+    from dsparse_cli.runtime.supervise import memory_cgroups
+
+    assert memory_cgroups("0::/user.slice/board\n") == [(2, "/user.slice/board")]
+    hybrid = "12:memory:/testbed/b1\n4:cpu,cpuacct:/testbed/b1\n1:name=systemd:/x\n0::/x\n"
+    assert memory_cgroups(hybrid) == [(1, "/testbed/b1"), (2, "/x")]
+    assert memory_cgroups("") == []
