@@ -11,9 +11,9 @@ allowances (SHARES of the way from training the last unit alone to a full update
 nests (the first board trains every unit, the others fewer: all-reduce groups and broadcasts of
 different sizes), plans again and runs `dsparse train --dataset D --max-steps K` (it ends with an
 evaluation, the hand-back sync and a checkpoint, as every job does). Per board it puts the plan's
-`predicted_training_bytes` next to what the worker measured (`peak_memory_bytes`: VmHWM above
-its base point right before the first step, `runtime/memory.py`). The issue asks for every board
-within 10 %. Nothing here is asserted: the boards share this machine's cores and page cache.
+`predicted_training_bytes` next to what the worker measured (`peak_memory_bytes`: the peak of
+private memory above its base point right before the first step, `runtime/memory.py`). The issue
+asks for every board within 10 %. Nothing here is asserted: the boards share this machine's cores and page cache.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ set 5 % above what the plan says its job needs (worker peak + launcher), on top 
 holds (`edge-testbed memory --above-idle`): b1's limit is below what a full update needs. Then
 `dsparse train --dataset digits --max-steps K` (the digits upscaled to the plan's image size).
 
-Per board: units, predicted and measured peak training memory (the worker's VmHWM above its base
-point), the whole-process peak, the cgroup limit, the cgroup's peak usage and its OOM kills; and
+Per board: units, predicted and measured peak training memory (the worker's private memory above
+its base point), the whole-process peak, the cgroup limit, the cgroup's peak usage and its OOM kills; and
 b1 against a full update (predicted; measured on b0, which runs one). The issue's targets: the
 small board's training memory -80 % against a full update, its whole-board memory -50 %.
 The cgroup is charged for the page cache the board itself reads in; torch's libraries already

@@ -331,8 +331,9 @@ MODEL_FILE, MODEL_SIDECAR = "model.pt", "model.json"
 class HeartbeatDoc:
     """`status.json`, written by the worker every `heartbeat_s` and at once on a state change.
     `time` is the board's clock: readers compare it with the board's clock, never their own.
-    Memory: `peak_memory_bytes` is training memory (peak above the base point right before the
-    first step), `base_memory_bytes` the process there, `peak_process_bytes` the whole process."""
+    Memory: `peak_memory_bytes` is training memory (peak of private memory above the base point
+    right before the first step), `base_memory_bytes` the whole process there, `peak_process_bytes`
+    the whole process's peak."""
     job: str | None = None
     rank: int | None = None
     name: str | None = None

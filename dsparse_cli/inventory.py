@@ -86,15 +86,13 @@ class Inventory:
 # allowance, not an absolute limit: its budget is the process base measured by `dsparse plan`
 # plus the launcher plus this much training memory, so the demo plans the same on any machine
 # (the base moves by +-130 MiB between environments). Sized for `make demo` (mobilenet_v2,
-# batch 32, 64x64), whose last k units need 47.1 MiB (k=1), 67.4 (8) / 70.2 (9), 92.2 (13) /
-# 102.0 (14), 129.8 (16) / 158.7 (17) and 233.4 MiB (all 20) of training memory, as a worker
-# reports it (profile format 4: the first step's one-time bytes in, the weights in the base):
-# each allowance sits between two steps, so the boards train 20 / 16 / 13 / 8 units, four
-# different nested plans. demo-x86 holds a full update with room: those figures are 15-25 MiB
-# higher on a fresh install (torch's code pages, file-backed, mapped with what the page cache
-# holds around them), and 256 MiB once fell short there.
-BUILTIN_BOARDS = (("demo-x86", "320MiB"), ("demo-jetson", "144MiB"), ("demo-rpi4", "97MiB"),
-                  ("demo-rpi3", "69MiB"))
+# batch 32, 64x64), whose last k units need 33.3 MiB (k=1), 74.3 (13) / 84.2 (14), 112.2 (16) /
+# 141.2 (17) / 189.3 (18) and 215.8 MiB (all 20) of training memory, as a worker
+# reports it (profile format 5: private memory, within 0.5 MiB in three environments here):
+# each allowance sits between two steps, so the boards train 20 / 17 / 16 / 13 units, four
+# different nested plans.
+BUILTIN_BOARDS = (("demo-x86", "256MiB"), ("demo-jetson", "165MiB"), ("demo-rpi4", "126MiB"),
+                  ("demo-rpi3", "79MiB"))
 
 
 def builtin_cluster(state_dir: Path | None = None) -> Inventory:

@@ -184,26 +184,22 @@ def _run_config(torch, model, units, updated: set[int], optimizer: str, rec: _Re
     return result, opt, params
 
 
-def _rss_file() -> int:
-    """File-backed resident bytes (mapped libraries) of this process."""
-    with open("/proc/self/status") as fh:
-        return next((int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("RssFile:")), 0)
-
-
 def _first_steps(torch, model, units, optimizer: str, batch_fn) -> dict:
     """On the cold process, before any other step: the base point (as the worker takes it: model
     built, optimizer made, nothing run), then what the first steps add for good. The worker's
-    meter counts that growth as training memory (its base point is before its first step), and
-    it is large next to a small board's step: torch's kernel code paged in from its libraries
-    (~12-16 MiB), the Python heap, kernel caches. Suffixes of units train one step each, the
-    last unit first, each with a fresh optimizer dropped with the gradients afterwards, so what
-    stays is one-time; a unit's share is what the suffix starting at it added over the one
-    before (the first one also pays the no-grad forward, the loss and the optimizer's code).
-    Then one eval-mode forward, as the worker's evaluation runs after its steps."""
+    meter counts that growth of private memory as training memory (its base point is before its
+    first step): the Python heap, allocator and kernel caches. Suffixes of units train one step
+    each, the last unit first, each with a fresh optimizer dropped with the gradients afterwards,
+    so what stays is one-time; a unit's share is what the suffix starting at it added over the
+    one before (the first one also pays the no-grad forward, the loss and the optimizer's code).
+    Then one eval-mode forward, as the worker's evaluation runs after its steps.
+    "file": what the same steps mapped of torch's code (file-backed, 18-37 MiB with the same
+    packages: see `runtime/memory.py`), which the profile puts in the process base."""
+    from dsparse_cli.runtime.memory import private_rss
     from dsparse_cli.runtime.sparse import apply_plan, make_optimizer, set_train_mode
 
     n = len(units)
-    shares, base, file0 = [0] * n, None, 0
+    shares, base, rss0 = [0] * n, None, 0
     for v in range(n - 1, -1, -1):
         suffix = set(range(v, n))
         params = apply_plan(model, units, suffix)
@@ -214,7 +210,7 @@ def _first_steps(torch, model, units, optimizer: str, batch_fn) -> dict:
             # torch.optim's first optimizer imports torch._dynamo: hundreds of thousands of
             # objects that every later full collection would walk (0.35 s each, dozens of them)
             gc.freeze()
-            base, file0 = read_rss()[0], _rss_file()
+            rss0, base = read_rss()[0], private_rss()
             prev = base
         x, y = batch_fn()
         torch.nn.functional.cross_entropy(model(x), y).backward()
@@ -223,14 +219,15 @@ def _first_steps(torch, model, units, optimizer: str, batch_fn) -> dict:
         for p in model.parameters():
             p.grad = None
         gc.collect()
-        now = read_rss()[0]
+        now = private_rss()
         shares[v], prev = max(0, now - prev), now
-    file_bytes = _rss_file() - file0
     model.eval()
     with torch.no_grad():
         model(batch_fn()[0])
     gc.collect()
-    return {"base": base, "shares": shares, "eval": max(0, read_rss()[0] - prev), "file": max(0, file_bytes)}
+    now = private_rss()
+    file_bytes = max(0, (read_rss()[0] - now) - (rss0 - base))
+    return {"base": rss0, "shares": shares, "eval": max(0, now - prev), "file": file_bytes}
 
 
 def _tensor_bytes(tensors) -> int:
@@ -294,7 +291,7 @@ def measure_profile(model_name: str, *, num_classes: int = 10, image_size: int =
     prof = Profile(
         key=profile_key(model_name, num_classes, image_size, batch_size, dtype, optimizer),
         model=model_name, num_classes=num_classes, image_size=image_size, batch_size=batch_size, dtype=dtype,
-        optimizer=optimizer, torch=torch.__version__, device="cpu", base_bytes=first["base"],
+        optimizer=optimizer, torch=torch.__version__, device="cpu", base_bytes=first["base"] + first["file"],
         import_bytes=import_bytes, batch_bytes=full["batch_bytes"],
         supervisor_bytes=measure_launcher_bytes("dsparse"),   # torchrun's: only for a plan that uses it
         step_peak_bytes=full["peaks"].get(("opt",), 0), units=costs,

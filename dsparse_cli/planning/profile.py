@@ -33,7 +33,9 @@ bytes (the real `optimizer.state` tensors after a step), and per mode:
   with glibc told to return freed blocks (`MALLOC_ENV`) so RSS follows live tensors.
 
 Process level: `base_bytes` = RSS right before the first step, the model built and the optimizer
-made (interpreter, torch, weights: the worker's base point, `runtime/memory.py`); `batch_bytes` =
+made (interpreter, torch, weights: the worker's base point, `runtime/memory.py`), plus the code
+pages the first steps map (file-backed, `first_step_file_bytes`: the meter counts private memory
+only, so they are part of the process, not of training); `batch_bytes` =
 input images + labels; `step_peak_bytes` = the optimizer step's own transient with every unit
 updated. Before any of the above, on the cold process, `first_step_bytes` per unit and
 `eval_first_bytes`: what the first steps and the first evaluation add for good (`measure`).
@@ -70,7 +72,7 @@ __all__ = ["FROZEN", "PASSTHROUGH", "UPDATED", "MALLOC_ENV", "PROFILE_FORMAT", "
 
 # 2: launcher_bytes; 3: supervisor_bytes; 4: the worker's base point (weights in the base), one-time
 # first-step and first-evaluation bytes, torchrun's agent measured only when a plan needs it
-PROFILE_FORMAT = 4
+PROFILE_FORMAT = 5
 # glibc: serve every block >= 64 KiB by mmap and give freed memory back, so RSS follows live tensors.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4096", "MALLOC_TRIM_THRESHOLD_": "131072"}
 DTYPES = ("float32", "float64", "bfloat16")
@@ -106,6 +108,7 @@ class Profile:
     torch: str
     device: str
     base_bytes: int                      # RSS right before the first step (torch, model, empty optimizer)
+    #                                      + the first steps' file-backed pages (torch's code)
     import_bytes: int                    # RSS after import torch + model build, before any step
     batch_bytes: int
     step_peak_bytes: int                 # optimizer-step transient, every unit updated
@@ -114,7 +117,7 @@ class Profile:
     launcher_bytes: int = 0              # private memory of torchrun's agent; 0: not measured yet
     supervisor_bytes: int = 0            # the same of dsparse's launcher (runtime/supervise.py)
     eval_first_bytes: int = 0            # one-time growth of the first evaluation (eval-mode forward)
-    first_step_file_bytes: int = 0       # of the full update's first-step bytes: file-backed (torch's code)
+    first_step_file_bytes: int = 0       # file-backed pages the first steps map (in base_bytes)
     format: int = PROFILE_FORMAT
 
     # --- the cost-model interface the planner uses -------------------------------------------

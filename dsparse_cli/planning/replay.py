@@ -4,17 +4,18 @@ What "training bytes" means
 ---------------------------
 The worker's meter (`runtime/memory.py`) takes its base point right before the first training
 step, after the model, the data, the optimizer and the process groups exist, and reports the
-peak above it. The profile uses the same split: `base_bytes` is the measuring process at that
-point (interpreter, torch, the model's weights), and
+peak of private memory above it. The profile uses the same split: `base_bytes` is the measuring
+process at that point (interpreter, torch, the model's weights) with the code pages its first
+steps map, and
 
     training_bytes(S) = first_step(S) + Σ_{u∈S} O_u
                         + max(step(S), after_step(S), evaluation(S))
 
 * first_step(S): what the first training step adds for good. Measured (`measure._first_steps`)
-  as the resident growth of the first step of ever larger suffixes of units, each with its
-  optimizer and gradients freed again: mostly torch's kernel code paged in from
-  libtorch_cpu.so (~12-16 MiB), then the Python heap and kernel caches. A plan pays the units
-  from its first updated one on (those run backward), plus the first evaluation's own code.
+  as the growth of private memory in the first step of ever larger suffixes of units, each with
+  its optimizer and gradients freed again: the Python heap, allocator and kernel caches (the code
+  pages it maps are file-backed: in the base, see `runtime/memory.py`). A plan pays the units
+  from its first updated one on (those run backward), plus the first evaluation's.
 * step(S): the peak over one step of batch + live activations + gradients, replayed from the
   measured per-unit terms (below), plus the aggregator's gradient buckets: a bucket is a float32
   copy of its gradients, made when backward has produced them and freed after the step's

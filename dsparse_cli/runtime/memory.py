@@ -2,10 +2,16 @@
 
 * CUDA: `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats` at the base point,
   minus `memory_allocated` at that point.
-* CPU: the kernel's peak RSS (VmHWM in /proc/self/status) minus the RSS at the base point.
-  Writing "5" to /proc/self/clear_refs resets VmHWM to the current RSS, so a spike before the
-  base point (data loading, imports) does not count. Where that is refused the peak is the
-  process's lifetime peak (an over-estimate only if something before the base was larger).
+* CPU: the peak of the process's *private* resident memory (RSS less RssFile: anonymous and
+  shared-memory pages) above its value at the base point. File-backed pages (torch's code,
+  mapped as the first step first runs it) are left out: how many pages a touched page maps
+  depends on what the page cache holds around it (the kernel's fault-around), so the same step
+  maps 18 MiB on one machine and 37 MiB on another, and they are pages the cache holds anyway.
+  The kernel keeps the peak of the whole RSS (VmHWM), not of its private part, so `sample`
+  reads VmHWM less the RssFile of that moment after every step and resets VmHWM through
+  /proc/self/clear_refs ("5"); code pages are mapped in the first steps only, so between two
+  samples RssFile barely moves. Where the reset is refused the peak is the process's lifetime
+  peak (an over-estimate only if something before the base was larger).
 * No /proc (not Linux): `resource.getrusage` max RSS, not resettable.
 
 The base point is taken after model, data, optimizer and process groups exist, right before the
@@ -24,26 +30,34 @@ STATUS = "/proc/self/status"
 CLEAR_REFS = "/proc/self/clear_refs"
 
 
-def _status_kib(field: str) -> int | None:
+def _status_kib(*fields: str) -> list[int | None]:
+    found: dict[str, int] = {}
     try:
         with open(STATUS) as fh:
             for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
+                name, _, rest = line.partition(":")
+                if name in fields:
+                    found[name] = int(rest.split()[0])
     except OSError:
-        return None
-    return None
+        pass
+    return [found.get(f) for f in fields]
 
 
 def current_rss() -> int:
-    kib = _status_kib("VmRSS")
+    kib, = _status_kib("VmRSS")
     if kib is not None:
         return kib * 1024
     return peak_rss()  # best we have without /proc
 
 
+def private_rss() -> int:
+    """Resident bytes that are not file-backed (anonymous and shared memory)."""
+    rss, file = _status_kib("VmRSS", "RssFile")
+    return (rss - (file or 0)) * 1024 if rss is not None else peak_rss()
+
+
 def peak_rss() -> int:
-    kib = _status_kib("VmHWM")
+    kib, = _status_kib("VmHWM")
     if kib is not None:
         return kib * 1024
     ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -63,9 +77,11 @@ def reset_peak_rss() -> bool:
 class MemoryMeter:
     def __init__(self, device: torch.device):
         self.device = device
-        self.base_bytes = 0
-        self.base_process_bytes = 0
+        self.base_bytes = 0            # private (CUDA: allocated) bytes at the base point
+        self.base_process_bytes = 0    # the whole RSS there
         self.resettable = False
+        self._peak_private = 0
+        self._peak_process = 0
 
     def mark_base(self) -> None:
         """Call right before the first training step."""
@@ -76,19 +92,33 @@ class MemoryMeter:
             self.base_bytes = torch.cuda.memory_allocated(self.device)
         else:
             self.resettable = reset_peak_rss()
-            self.base_bytes = current_rss()
-        self.base_process_bytes = current_rss()
+            self.base_bytes = self._peak_private = private_rss()
+        self.base_process_bytes = self._peak_process = current_rss()
+
+    def sample(self) -> None:
+        """Fold the peak since the last sample in (call after every step); starts the next one."""
+        hwm, rss, file = _status_kib("VmHWM", "VmRSS", "RssFile")
+        if hwm is None:
+            self._peak_process = max(self._peak_process, peak_rss())
+            self._peak_private = max(self._peak_private, self._peak_process)
+            return
+        self._peak_process = max(self._peak_process, hwm * 1024)
+        self._peak_private = max(self._peak_private, (max(hwm, rss or 0) - (file or 0)) * 1024)
+        if self.resettable:
+            reset_peak_rss()
 
     def peak_process_bytes(self) -> int:
         """Whole-process peak RSS (host memory; on a Jetson that includes unified GPU memory)."""
-        return peak_rss()
+        self.sample()
+        return self._peak_process
 
     def peak_training_bytes(self) -> int:
         """Peak memory above the base point."""
         if self.device.type == "cuda":
             return max(0, torch.cuda.max_memory_allocated(self.device) - self.base_bytes)
-        return max(0, peak_rss() - self.base_bytes)
+        self.sample()
+        return max(0, self._peak_private - self.base_bytes)
 
     def report(self) -> dict:
-        return {"peak_memory_bytes": self.peak_training_bytes(), "base_memory_bytes": self.base_bytes,
+        return {"peak_memory_bytes": self.peak_training_bytes(), "base_memory_bytes": self.base_process_bytes,
                 "peak_process_bytes": self.peak_process_bytes()}

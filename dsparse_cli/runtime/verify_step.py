@@ -9,15 +9,14 @@ point (model, optimizer and a dataset made, nothing trained: `worker_setup`, whi
 profiler runs too), runs
 warm-up steps, then measures one step, with the worker's thread count (`job_setup.set_threads`):
 
-* CPU: VmHWM is reset (/proc/self/clear_refs) at the base point and again right before the
-  measured step, after `zero_grad(set_to_none=True)`; the batch is created inside each step.
-  measured_training_bytes = VmHWM over all steps - RSS at the base point (what the worker's
-  meter reports: the first step's one-time bytes, optimizer state, the step's peak);
-  measured_peak_bytes = VmHWM over all steps (whole process);
-  measured_step_bytes = VmHWM over the measured step - RSS before it (batch + activations +
-  gradients + working set).
-* CUDA (`--device cuda`): measured_training_bytes = torch.cuda.max_memory_allocated over the
-  steps - memory_allocated at the base point (the weights).
+* measured_training_bytes: what the worker's meter (`runtime/memory.py`) reports over all the
+  steps: on the CPU the peak of private memory above the base point (the first step's one-time
+  bytes, optimizer state, the step's peak), on CUDA (`--device cuda`) the peak allocated above
+  the weights;
+* measured_peak_bytes = VmHWM over all steps (whole process);
+* measured_step_bytes = VmHWM over the measured step, after `zero_grad(set_to_none=True)`,
+  less the RSS before it (batch + activations + gradients + working set; the batch is created
+  inside each step).
 """
 
 from __future__ import annotations
@@ -71,6 +70,7 @@ def run(plan: dict, rank: int, device: str = "cpu", warmup: int = WARMUP_STEPS) 
     import torch
 
     from dsparse_cli.runtime.job_setup import set_threads
+    from dsparse_cli.runtime.memory import MemoryMeter, current_rss, peak_rss
 
     from dsparse_cli.runtime.models import build_model, units_from_plan
     from dsparse_cli.runtime.sparse import apply_plan, make_optimizer, set_train_mode
@@ -96,31 +96,26 @@ def run(plan: dict, rank: int, device: str = "cpu", warmup: int = WARMUP_STEPS) 
             loss.backward()
             opt.step()
 
-    cuda = device.startswith("cuda")
-    gc.collect()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    rss_base, cuda_base = read_rss()[0], torch.cuda.memory_allocated() if cuda else 0
-    reset_hwm()
+    meter = MemoryMeter(torch.device(device))
+    meter.mark_base()
     for _ in range(warmup):
         step()
         if opt is not None:
             opt.zero_grad(set_to_none=True)
+        meter.sample()
     gc.collect()
-    rss_before, warm_hwm = read_rss()
-    reset_hwm()
+    meter.sample()
+    reset_hwm()   # (the meter's own reset is CPU-only and silent when refused)
+    rss_before = current_rss()
     step()
-    if cuda:
+    if meter.device.type == "cuda":
         torch.cuda.synchronize()
-    rss_after, hwm = read_rss()
-    step_peak = max(hwm, rss_after)
-    peak = max(step_peak, warm_hwm)
+    step_peak = max(peak_rss(), current_rss())
     out = {"name": dev["name"], "rank": rank, "device": device, "units": dev["units"],
-           "rss_before_bytes": rss_before, "measured_peak_bytes": peak, "measured_step_bytes": step_peak - rss_before,
-           "measured_base_bytes": rss_base, "host": platform.node(), "threads": threads,
-           "cgroup": _memory_cgroup(),
-           "measured_training_bytes": (torch.cuda.max_memory_allocated() - cuda_base) if cuda else peak - rss_base}
+           "rss_before_bytes": rss_before, "measured_peak_bytes": meter.peak_process_bytes(),
+           "measured_step_bytes": step_peak - rss_before, "measured_base_bytes": meter.base_process_bytes,
+           "host": platform.node(), "threads": threads, "cgroup": _memory_cgroup(),
+           "measured_training_bytes": meter.peak_training_bytes()}
     return out
 
 

@@ -177,6 +177,7 @@ class Trainer:
             self._after_step(window)
 
     def _after_step(self, window: list[float]) -> None:
+        self.meter.sample()
         every = self.job.checkpoint_every_steps
         saved = bool(every) and self.global_step % int(every) == 0
         if saved:
@@ -220,6 +221,7 @@ class Trainer:
     def _end_epoch(self) -> None:
         if self.job.eval:
             self.accuracy = self.evaluate()
+            self.meter.sample()
             self.log(f"epoch {self.epoch + 1} accuracy {self.accuracy:.4f}")
         self.history.append({"epoch": self.epoch + 1, "global_step": self.global_step, "accuracy": self.accuracy})
         if self.step_in_epoch >= self.spe:
