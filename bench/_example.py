@@ -1,13 +1,12 @@
 """The seven-board example at this environment's process base (bench/seven_boards.py and
 tests/unit/test_seven_boards.py).
 
-The example's limits are absolute figures derived for what training the classifier alone needed
-where it was written: a process base of ~904.7 MiB, 292.2 MiB for torchrun's agent and 31.9 MiB
-of training bytes (see its comments). Those figures belong to the torch build *and* the machine:
-this one has measured process bases of 686 to 999 MiB with the same packages, and the first
-step's one-time bytes (kernel code and scratch that torch picks for the CPU it runs on) differ
-from one CPU to the next by more than the example's window. What the example designs is each
-board's allowance above that floor, so both users of it move every limit by the floor's drift.
+The example's limits are absolute figures, written for a reference need(1) of 1228.8 MiB: what
+training the classifier alone needed where it was first derived (a process base of ~904.7 MiB,
+292.2 MiB for torchrun's agent and the classifier's training bytes). That floor belongs to the
+torch build, the launcher *and* the machine: this one has measured process bases of 686 to 999
+MiB with the same packages. What the example designs is each board's allowance above that floor,
+so both users of it move every limit by the floor's drift.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 MiB = 1 << 20
-# process base + torchrun's agent + the classifier's training bytes the example was derived for
+# need(1), training the classifier alone, where the example's limits were written (see its comments)
 ASSUMED_FLOOR_MIB = 904.7 + 292.2 + 31.9
 HEADROOM = 0.15            # `dsparse plan`'s default: budget = memory_limit x 0.85
 
