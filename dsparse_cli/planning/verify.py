@@ -6,9 +6,9 @@ session lands where the board's sshd runs), from the runtime shipped as for a jo
 is this machine, so its step is a subprocess here.
 
 Both sides use the worker's split (see `replay` and `verify_step`):
-* training bytes = the peak above the base point (model and optimizer made, nothing run) over the
-  steps: the first step's one-time bytes, optimizer state, the step's peak of batch, activations,
-  gradients and working set. One process here has no other board and no evaluation, so the
+* training bytes = the peak of private memory above the base point (model and optimizer made,
+  nothing run; the worker's meter, `runtime/memory.py`) over the steps: the first step's one-time
+  bytes, optimizer state, the step's peak of batch, activations, gradients and working set. One process here has no other board and no evaluation, so the
   prediction it is held to is the plan's without those parts (`replay.single_process_bytes`).
 * step bytes = the measured step's peak above the resident memory before it (one-time bytes and
   optimizer state already there): the stricter comparison.
