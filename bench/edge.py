@@ -1,8 +1,9 @@
 """dsparse against real DDP on the wire (issue "Beat DDP on the wire", item 5).
 
     python bench/edge.py                # 4 boards, mobilenet_v2, 60 steps; table + bench/results/edge.{json,md}
-    python bench/edge.py --smoke        # 2 boards, tiny_cnn, 4 steps, every method (`make bench-smoke`)
+    python bench/edge.py --smoke        # 2 boards, tiny_cnn, 4 steps, fine-tuned, every method (`make bench-smoke`)
     python bench/edge.py --json         # the results JSON only
+    sudo .venv/bin/python bench/edge.py --testbed --finetune --image-size 64   # the emulated cluster, over SSH
 
 Five methods, each with the same seed, digits shards, per-board batch, learning rate (dsparse's
 default, cosine over the run) and number of steps:
@@ -12,6 +13,8 @@ default, cosine over the run) and number of steps:
 * dsparse_memory: `dsparse plan --objective memory`, then `dsparse train`.
 * dsparse_time: `dsparse plan --objective time --sync-every 4`, then `dsparse train`.
 * dsparse_time_pbgc: that plan, `dsparse train --compression pbgc`.
+* dsparse_frozen (with --finetune only): `--objective time --allow-frozen`: units no board needs
+  to train stay at the pretrained weights everywhere and are never sent.
 
 The dsparse boards are `local: true` boards in a scratch cluster.yaml with `link:` (--link,
 default 100mbit for all; on local boards only a planning input: with equal links the time plan
@@ -28,12 +31,15 @@ aggregation held the step up; DDP overlaps its all-reduce with the backward and 
 here), bytes_sent_per_step (each board's link, ring all-reduce model 2(n-1)/n x payload for
 all-reduces, as dsparse's aggregator counts its own), peak_process_bytes (peak RSS of the
 training process; torchrun's agent and dsparse's launcher not included), peak_training_bytes
-(dsparse: above the worker's RSS before the first step), final accuracy on the digits test
+(dsparse: the worker's private memory above its base point before the first step), final accuracy on the digits test
 split, and wall_s (the whole command, start-up included).
 
-Not done yet: running the peers and the boards over SSH on the emulated testbed
-(`scripts/edge-testbed`, docs/testbed.md), where `link:` is a real shaped rate; here every
-process shares this machine and loopback, so times measure compute contention, not links.
+`--finetune` first trains the model on digits 0-4 (bench/peers/pretrain.py, one process) and
+starts every method from those weights (the 5-class head re-initialised for ten digits).
+`--testbed` runs every method on `scripts/edge-testbed` boards over SSH (bench/edge_testbed.py):
+real shaped links, a cgroup memory limit and CPU quota per board, DDP under torchrun on every
+board. Without it every process shares this machine and loopback, and times measure compute
+contention, not links.
 """
 
 from __future__ import annotations
@@ -54,12 +60,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 from _runner import BenchError, check_methods, dsparse, free_port, json_of, tail  # noqa: E402
 from compression import _fmt, board_summaries, sparse_limits  # noqa: E402
+import edge_testbed  # noqa: E402
 
-from dsparse_cli.sizes import format_size as _size  # noqa: E402
+from dsparse_cli.sizes import format_size as _size, parse_rate  # noqa: E402
 
-METHODS = ("ddp", "ddp_powersgd", "dsparse_memory", "dsparse_time", "dsparse_time_pbgc")
+METHODS = ("ddp", "ddp_powersgd", "dsparse_memory", "dsparse_time", "dsparse_time_pbgc", "dsparse_frozen")
+# the plan each dsparse method trains under: `dsparse plan --objective OBJECTIVE` + these flags
+PLANS = {"dsparse_memory": "memory", "dsparse_time": "time", "dsparse_time_pbgc": "time", "dsparse_frozen": "frozen"}
 PEER = REPO / "bench" / "peers" / "ddp_train.py"
-SMOKE = {"boards": 2, "model": "tiny_cnn", "steps": 4}
+SMOKE = {"boards": 2, "model": "tiny_cnn", "steps": 4, "finetune": True, "pretrain_steps": 10}
 
 
 # --- set-up ------------------------------------------------------------------------------
@@ -76,8 +85,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the boards' link: in cluster.yaml (planning input); a comma list is dealt to b0, b1, ... "
                         "in turn, e.g. 1gbit,20mbit")
     p.add_argument("--sync-every", type=int, default=4, help="--objective time's broadcast period")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--methods", default=None, help="comma-separated subset of " + ",".join(METHODS)
+                   + " (default: all; dsparse_frozen only with --finetune)")
     p.add_argument("--smoke", action="store_true", help="2 boards, tiny_cnn, 4 steps, every method")
+    p.add_argument("--finetune", action="store_true",
+                   help="start every method from weights first trained on digits 0-4 (bench/peers/pretrain.py)")
+    p.add_argument("--pretrain-steps", type=int, default=150)
+    p.add_argument("--testbed", action="store_true",
+                   help="boards on the emulated edge cluster, over SSH (needs root; bench/edge_testbed.py)")
+    p.add_argument("--memory", default="2GiB", help="--testbed: each board's cgroup memory limit")
+    p.add_argument("--cpus", type=float, default=0.4, help="--testbed: each board's CPU quota")
+    p.add_argument("--delay", default="1ms", help="--testbed: each link's one-way delay")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per command")
     p.add_argument("--out", type=Path, default=None, help="results JSON, the markdown table next to it as .md "
                    "(default bench/results/edge.json; edge-smoke.json with --smoke, so a smoke never overwrites a run)")
@@ -92,6 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.lr is None:
         from dsparse_cli.contract import JobSpec
         a.lr = JobSpec().lr
+    a.weights = None   # set by --finetune's pretraining
+    if a.methods is None:
+        a.methods = ",".join(m for m in METHODS if a.finetune or m != "dsparse_frozen")
     check_methods(p, a, METHODS)
     return a
 
@@ -111,25 +132,35 @@ def epochs_for(args) -> int:
 
 
 # --- the DDP peers -----------------------------------------------------------------------
-def run_peer(args, work: Path, method: str) -> dict:
+def peer_argv(args, method: str) -> list[str]:
+    argv = ["--model", args.model, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
+            "--steps", str(args.steps), "--seed", str(args.seed), "--lr", str(args.lr)]
+    return argv + (["--powersgd"] if method == "ddp_powersgd" else []) + (["--weights", args.weights] if args.weights else [])
+
+
+def run_peer(args, work: Path, method: str, cluster: Path | None) -> dict:
+    if cluster is not None:
+        doc, wall = edge_testbed.run_peer(args, work, cluster, method, peer_argv(args, method))
+        return peer_row(method, doc["ranks"], wall)
     out = work / f"{method}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.boards),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(PEER),
-           "--model", args.model, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
-           "--steps", str(args.steps), "--seed", str(args.seed), "--lr", str(args.lr), "--out", str(out)]
-    if method == "ddp_powersgd":
-        cmd.append("--powersgd")
+           *peer_argv(args, method), "--out", str(out)]
     t0 = time.time()
     res = _run(cmd, work, args.timeout)
     wall = time.time() - t0
     if res.returncode != 0 or not out.exists():
         raise BenchError(f"torchrun {method} exited {res.returncode}: {tail(res.stderr, 6)}")
-    ranks = json.loads(out.read_text())["ranks"]
+    return peer_row(method, json.loads(out.read_text())["ranks"], wall)
+
+
+def peer_row(method: str, ranks: list[dict], wall: float) -> dict:
     boards = [{"name": f"rank{r['rank']}", "step_ms": r["step_ms"], "step_ms_median": r["step_ms_median"],
                "agg_ms_per_step": None, "bytes_sent_per_step": r["bytes_sent_per_step"],
                "last_step_bytes_sent": r["last_step_bytes_sent"], "buffer_bytes_per_step": r["buffer_bytes_per_step"],
                "gradient_bytes": r["gradient_bytes"], "peak_process_bytes": r["peak_process_bytes"],
-               "peak_training_bytes": None, "steps": r["steps"], "train_s": r["train_s"]} for r in ranks]
+               "peak_training_bytes": None, "steps": r["steps"], "train_s": r["train_s"],
+               "weights": r.get("weights")} for r in ranks]
     return method_row(method, boards, ranks[0]["accuracy"], wall)
 
 
@@ -158,14 +189,16 @@ def write_cluster(args, work: Path, limits: list) -> Path:
     return path
 
 
-def plan(args, work: Path, cluster: Path, objective: str) -> dict:
+def plan(args, work: Path, cluster: Path, kind: str) -> dict:
+    """`kind`: a PLANS value."""
+    objective = "memory" if kind == "memory" else "time"
     argv = ["plan", "--cluster", str(cluster), "--model", args.model, "--batch-size", str(args.batch_size),
             "--image-size", str(args.image_size), "--objective", objective, "--json"]
     if objective == "time":
-        argv += ["--sync-every", str(args.sync_every)]
+        argv += ["--sync-every", str(args.sync_every)] + (["--allow-frozen"] if kind == "frozen" else [])
     res = dsparse(argv, work, args.timeout)
     if res.returncode != 0:
-        raise BenchError(f"dsparse plan --objective {objective} failed (exit {res.returncode}): {tail(res.stderr)}")
+        raise BenchError(f"dsparse plan ({kind}) failed (exit {res.returncode}): {tail(res.stderr)}")
     return json_of(res, "dsparse plan")
 
 
@@ -182,6 +215,8 @@ def run_dsparse(args, work: Path, cluster: Path, method: str, epochs: int) -> di
             "--lr", str(args.lr), "--master-port", str(free_port()), "--json"]
     if method.endswith("_pbgc"):
         argv += ["--compression", "pbgc"]
+    if args.weights:
+        argv += ["--weights", args.weights]
     t0 = time.time()
     res = dsparse(argv, work, args.timeout)
     wall = time.time() - t0
@@ -197,6 +232,30 @@ def run_dsparse(args, work: Path, cluster: Path, method: str, epochs: int) -> di
     return method_row(method, boards, summary.get("accuracy"), wall)
 
 
+def pretrain(args, work: Path) -> str:
+    out = work / "pretrained.pt"
+    cmd = [sys.executable, str(REPO / "bench" / "peers" / "pretrain.py"), "--model", args.model, "--image-size",
+           str(args.image_size), "--batch-size", str(args.batch_size), "--steps", str(args.pretrain_steps),
+           "--out", str(out)]
+    log(f"pretraining on digits 0-4 ({args.pretrain_steps} steps) ...")
+    res = _run(cmd, work, args.timeout)
+    if res.returncode != 0 or not out.exists():
+        raise BenchError(f"pretraining exited {res.returncode}: {tail(res.stderr, 6)}")
+    log("  " + res.stderr.strip().splitlines()[-1])
+    return str(out)
+
+
+def on_testbed(args, work: Path) -> tuple[list[dict], list[dict], dict]:
+    """`edge-testbed up` in `work`, every method on its boards, `down` always."""
+    from wire_check import prepare, testbed
+
+    try:
+        testbed(work, "up", *edge_testbed.up_args(args))
+        return run_all(args, work, prepare(work, args.link))
+    finally:
+        testbed(work, "down")
+
+
 # --- figures -----------------------------------------------------------------------------
 def method_row(method: str, boards: list[dict], accuracy, wall: float) -> dict:
     """The slowest board sets a synchronous step, the busiest link the wire time."""
@@ -210,7 +269,8 @@ def method_row(method: str, boards: list[dict], accuracy, wall: float) -> dict:
             "final_accuracy": accuracy, "steps": boards[0]["steps"], "wall_s": wall, "boards": boards}
 
 
-def run_all(args, work: Path) -> tuple[list[dict], list[dict], dict]:
+def run_all(args, work: Path, testbed: Path | None = None) -> tuple[list[dict], list[dict], dict]:
+    """Every method in turn; `testbed`: the emulated cluster's cluster.yaml (boards over SSH)."""
     rows, failures, plans = [], [], {}
     epochs = epochs_for(args)
     cluster = None
@@ -218,13 +278,14 @@ def run_all(args, work: Path) -> tuple[list[dict], list[dict], dict]:
         log(f"{method} ...")
         try:
             if method.startswith("ddp"):
-                rows.append(run_peer(args, work, method))
+                rows.append(run_peer(args, work, method, testbed))
             else:
-                cluster = cluster or graded_cluster(args, work)
-                objective = "memory" if method == "dsparse_memory" else "time"
-                if method != "dsparse_time_pbgc" or plans.get("current") != "time":
-                    p = plan(args, work, cluster, objective)
-                    plans["current"], plans[objective] = objective, _plan_brief(p)
+                if cluster is None:
+                    cluster = edge_testbed.graded_cluster(args, testbed) if testbed else graded_cluster(args, work)
+                kind = PLANS[method]
+                if plans.get("current") != kind:
+                    p = plan(args, work, cluster, kind)
+                    plans["current"], plans[kind] = kind, _plan_brief(p)
                 rows.append(run_dsparse(args, work, cluster, method, epochs))
         except BenchError as exc:
             failures.append({"name": method, "error": str(exc)})
@@ -246,14 +307,20 @@ def _plan_brief(p: dict) -> dict:
 # --- output ------------------------------------------------------------------------------
 def markdown(doc: dict) -> str:
     c = doc["config"]
-    head = (f"{c['model']} on digits, {c['boards']} local boards x batch {c['batch_size']}, {c['steps']} steps, "
-            f"seed {c['seed']}, lr {c['lr']:g}, link {c['link']} (planning input)\n\n")
-    cols = ["method", "step ms", "agg ms/step", "sent/step (busiest board)", "sent/step (all boards)",
-            "peak RSS", "final accuracy", "wall s"]
+    tb = c.get("testbed")
+    where = (f"testbed boards over SSH ({tb['cpus']:g} CPU, {tb['memory']}, link {c['link']}, {tb['delay']} delay)"
+             if tb else f"local boards, link {c['link']} (planning input)")
+    start = f", fine-tuned from digits 0-4 ({c['pretrain_steps']} steps)" if c.get("finetune") else ""
+    head = (f"{c['model']} {c['image_size']}x{c['image_size']} on digits{start}, {c['boards']} {where}, "
+            f"batch {c['batch_size']}, {c['steps']} steps, seed {c['seed']}, lr {c['lr']:g}\n\n")
+    cols = ["method", "step ms", "agg ms/step", "sent/step (busiest board)", "link floor ms/step",
+            "sent/step (all boards)", "peak RSS", "final accuracy", "wall s"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    slowest = min(parse_rate(x) for x in c["link"].split(",") if x.strip())
     for r in doc["methods"]:
+        floor = 1000 * (r["max_bytes_sent_per_step"] or 0) / slowest   # its bytes at the slowest link's rate
         cells = [r["name"], _fmt(r["step_ms"], "{:.1f}"), _fmt(r["agg_ms_per_step"], "{:.1f}"),
-                 _size(r["max_bytes_sent_per_step"]), _size(r["total_bytes_sent_per_step"]),
+                 _size(r["max_bytes_sent_per_step"]), f"{floor:.0f}", _size(r["total_bytes_sent_per_step"]),
                  _size(r["peak_process_bytes"]), _fmt(r["final_accuracy"], "{:.2%}"), _fmt(r["wall_s"], "{:.0f}")]
         lines.append("| " + " | ".join(cells) + " |")
     fails = [f"\nfailed: {f['name']}: {f['error']}" for f in doc["failed"]]
@@ -266,8 +333,11 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     try:
-        log(f"{args.model}, {args.boards} local boards, {args.steps} steps, in {work}")
-        rows, failures, plans = run_all(args, work)
+        where = "testbed boards over SSH" if args.testbed else "local boards"
+        log(f"{args.model}, {args.boards} {where}, {args.steps} steps, in {work}")
+        if args.finetune:
+            args.weights = pretrain(args, work)
+        rows, failures, plans = on_testbed(args, work) if args.testbed else run_all(args, work)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -278,6 +348,8 @@ def main(argv=None) -> int:
         "dataset": "digits", "model": args.model, "image_size": args.image_size, "boards": args.boards,
         "batch_size": args.batch_size, "steps": args.steps, "seed": args.seed, "lr": args.lr, "link": args.link,
         "sync_every": args.sync_every, "smoke": args.smoke, "host_cpus": os.cpu_count(),
+        "finetune": args.finetune, "pretrain_steps": args.pretrain_steps if args.finetune else None,
+        "testbed": {"memory": args.memory, "cpus": args.cpus, "delay": args.delay} if args.testbed else None,
         "bench_s": time.time() - t0, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")

@@ -38,8 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from dsparse_cli.contract import JobSpec  # noqa: E402
 from dsparse_cli.runtime import data as datamod  # noqa: E402
 from dsparse_cli.runtime.job_setup import lr_at  # noqa: E402
-from dsparse_cli.runtime.models import build_model  # noqa: E402
+from dsparse_cli.runtime.models import build_model, split_units  # noqa: E402
 from dsparse_cli.runtime.sparse import make_optimizer  # noqa: E402
+from dsparse_cli.runtime.weights import load_weights  # noqa: E402
 
 DEFAULTS = JobSpec()
 
@@ -54,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=DEFAULTS.lr)
     p.add_argument("--momentum", type=float, default=DEFAULTS.momentum)
     p.add_argument("--powersgd", action="store_true", help="PowerSGD rank 1, start_powerSGD_iter=2")
+    p.add_argument("--weights", default=None, help="start from this weights file, as `dsparse train --weights`")
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args(argv)
 
@@ -130,6 +132,9 @@ def train(args) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(args.seed)  # the same initial model on every rank, as the worker does
     model = build_model(args.model)
+    loaded = None   # the worker's loader: a head of another size is re-initialised (seeded above)
+    if args.weights:
+        loaded = load_weights(model, split_units(model, args.model), args.weights, spec=args.model)
     torch.manual_seed(args.seed + 1 + rank)
     ds = datamod.load_dataset("digits", image_size=args.image_size, seed=args.seed)
     ddp = DDP(model)
@@ -161,7 +166,7 @@ def train(args) -> dict:
             "last_step_bytes_sent": ring_bytes(last, world) if world > 1 else 0.0,  # PowerSGD past its warm-up
             "buffer_bytes_per_step": buffer_bytes if rank == 0 and world > 1 else 0,
             "peak_process_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "accuracy": accuracy, "threads": torch.get_num_threads()}
+            "accuracy": accuracy, "threads": torch.get_num_threads(), "weights": loaded}
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,6 @@
 """`make bench-smoke`: bench/edge.py --smoke end to end (torchrun + DDP, DDP + PowerSGD, and
-`dsparse plan`/`train` on 2 local boards, tiny_cnn, 4 steps); every method reports figures."""
+`dsparse plan`/`train` on 2 local boards, tiny_cnn, 4 steps, fine-tuned from weights pretrained
+on digits 0-4); every method reports figures."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench" / "edge.py"
-METHODS = ["ddp", "ddp_powersgd", "dsparse_memory", "dsparse_time", "dsparse_time_pbgc"]
+METHODS = ["ddp", "ddp_powersgd", "dsparse_memory", "dsparse_time", "dsparse_time_pbgc", "dsparse_frozen"]
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -25,11 +26,11 @@ def smoke(tmp_path_factory):
     res = subprocess.run([sys.executable, str(BENCH), "--smoke", "--workdir", str(tmp / "work"), "--out", str(out),
                           "--json"], capture_output=True, text=True, timeout=540, cwd=tmp)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    return json.loads(res.stdout), out
+    return json.loads(res.stdout), out, tmp / "work"
 
 
 def test_every_method_ran_with_a_finite_step_time_and_an_accuracy(smoke):
-    doc, _ = smoke
+    doc, _, _ = smoke
     assert doc["failed"] == []
     assert [m["name"] for m in doc["methods"]] == METHODS
     for m in doc["methods"]:
@@ -40,7 +41,7 @@ def test_every_method_ran_with_a_finite_step_time_and_an_accuracy(smoke):
 
 
 def test_ddp_bytes_are_the_ring_model_and_powersgd_sends_fewer(smoke):
-    doc, _ = smoke
+    doc, _, _ = smoke
     by = {m["name"]: m for m in doc["methods"]}
     n = doc["config"]["boards"]
     for b in by["ddp"]["boards"]:
@@ -51,10 +52,20 @@ def test_ddp_bytes_are_the_ring_model_and_powersgd_sends_fewer(smoke):
 
 
 def test_dsparse_reports_aggregation_time_and_results_are_written(smoke):
-    doc, out = smoke
+    doc, out, _ = smoke
     for m in doc["methods"]:
         if m["name"].startswith("dsparse"):
             assert m["agg_ms_per_step"] >= 0 and m["peak_process_bytes"] > 0
     assert json.loads(out.read_text())["methods"] == doc["methods"]
     table = out.with_suffix(".md").read_text()
     assert all(f"| {name} |" in table for name in METHODS)
+
+
+def test_every_method_starts_from_the_pretrained_weights(smoke):
+    doc, _, work = smoke
+    assert doc["config"]["finetune"] and (work / "pretrained.pt").exists()
+    by = {m["name"]: m for m in doc["methods"]}
+    for name in ("ddp", "ddp_powersgd"):   # a 5-class head, fine-tuned on ten digits
+        assert all("pretrained.pt (head re-initialised for 10 classes)" in b["weights"] for b in by[name]["boards"])
+    logs = [p.read_text() for p in (work / ".dsparse" / "boards").glob("*/runs/*/worker.log*")]
+    assert len(logs) == 2 * 4 and all("pretrained.pt (head re-initialised for 10 classes)" in t for t in logs)
