@@ -45,14 +45,11 @@ app = typer.Typer(
 
 
 def _keep(ctx: typer.Context, param: typer.CallbackParam, value) -> None:
-    """Keep an app option where it was given, before or after the verb (the other side has its default)."""
+    """Keep an app option where it was given, before or after the verb (the other side has its default);
+    --wide also tells the tables."""
     if ctx.get_parameter_source(param.name).name != "DEFAULT":
         setattr(options, param.name, value)
-
-
-def _keep_wide(ctx: typer.Context, param: typer.CallbackParam, value: bool) -> None:
-    _keep(ctx, param, value)
-    if options.wide:
+    if param.name == "wide" and options.wide:
         from dsparse_cli import render
 
         render.wide = True
@@ -74,7 +71,7 @@ def _app_options(
     json: bool = typer.Option(False, "--json", help="Print machine-readable JSON to stdout.",
                               callback=_keep, expose_value=False),
     wide: bool = typer.Option(False, "--wide", help="Show every table column, even past the terminal's width.",
-                              callback=_keep_wide, expose_value=False),
+                              callback=_keep, expose_value=False),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors.",
                                  callback=_keep, expose_value=False),
     version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True,

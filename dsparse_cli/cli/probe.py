@@ -31,7 +31,7 @@ def probe(accept_new_host_keys: bool = AcceptNewOpt,
         infos = _with_links(inv, infos, accept_new_host_keys)
     cache = write_cache(inv, infos)
     if options.json:
-        print_json({"cluster": inv.name, "boards": [_contract(i.model_dump(mode="json")) for i in infos]})
+        print_json({"cluster": inv.name, "boards": [_contract(i.to_dict()) for i in infos]})
     else:
         show(render.probe_table(inv.name, infos))
         info(f"cached in {cache}")
@@ -40,6 +40,8 @@ def probe(accept_new_host_keys: bool = AcceptNewOpt,
 
 def _with_links(inv, infos, accept_new_host_keys: bool):
     """The probe results with each board's measured link; nothing is cached when a board fails."""
+    from dataclasses import replace
+
     from dsparse_cli.console import spinner
     from dsparse_cli.errors import RemoteError
     from dsparse_cli.probing.links import measure_links
@@ -50,7 +52,7 @@ def _with_links(inv, infos, accept_new_host_keys: bool):
                           "fix it before measuring links (nothing was cached)")
     with spinner("timing each board's link to the master...", quiet=options.json):
         rates = measure_links(inv, connect_timeout=options.connect_timeout, accept_new_host_keys=accept_new_host_keys)
-    return [i.model_copy(update={"link_bytes_per_s": rates[i.name]}) for i in infos]
+    return [replace(i, link_bytes_per_s=rates[i.name]) for i in infos]
 
 
 def _contract(board: dict) -> dict:

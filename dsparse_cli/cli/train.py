@@ -77,7 +77,8 @@ def train(
         val_fraction=val_fraction, skip_bad_images=skip_bad_images, weights=weights,
         batch_size=batch_size or plan["batch_size"], lr=lr, optimizer=optimizer or plan["optimizer"],
         seed=seed, sync_every=sync_every,
-        compression=_compression_spec(compression, density, key_fraction, entropy_bins, warmup_steps),
+        compression=_compression_spec(compression, density=density, key_fraction=key_fraction,
+                                      entropy_bins=entropy_bins, warmup_steps=warmup_steps),
         collective_timeout_s=collective_timeout, checkpoint_every_steps=checkpoint_every,
         backend="nccl" if _all_cuda(plan) else "gloo",
     )
@@ -220,14 +221,11 @@ def _summary_doc(rec, plan: dict, rows: list[dict]) -> dict:
             "agg_ms_per_step": max(agg) if agg else None, "boards": boards}
 
 
-def _compression_spec(name: str, density: float, key_fraction: float, bins: int, warmup: int) -> dict:
-    if name == "none" or name == "fp16":
-        return {"name": name}
-    if name == "topk":
-        return {"name": name, "density": density, "warmup_steps": warmup}
-    if name == "pbgc":
-        return {"name": name, "key_fraction": key_fraction, "entropy_bins": bins, "warmup_steps": warmup}
-    raise ConfigError(f"unknown compression {name!r}", "choose none, fp16, topk or pbgc")
+def _compression_spec(name: str, **given) -> dict:
+    """The compressor's name and its `train` options (COMPRESSOR_OPTIONS; none and fp16 have none)."""
+    if name not in ("none", "fp16", *COMPRESSOR_OPTIONS):
+        raise ConfigError(f"unknown compression {name!r}", "choose none, fp16, topk or pbgc")
+    return {"name": name, **{key: given[key] for key in COMPRESSOR_OPTIONS.get(name, ())}}
 
 
 def _all_cuda(plan: dict) -> bool:

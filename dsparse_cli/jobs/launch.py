@@ -27,10 +27,6 @@ from dsparse_cli.remote.base import Transport
 from dsparse_cli.runtime.cpus import THREADS_ENV, process_cpus
 
 
-def job_doc(opts: JobSpec, job_id: str, run_dir: str, resume: bool) -> dict:
-    return replace(opts, id=job_id, workdir=run_dir, resume=resume).to_dict()
-
-
 def check_options(opts: JobSpec, plan: Plan) -> None:
     if opts.dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {opts.dataset!r}", f"choose one of {', '.join(DATASETS)}")
@@ -81,7 +77,7 @@ def probe_ifaces(inv: Inventory, plan: Plan) -> dict[str, str]:
     found = {n: f["iface"] for n, f in plan.probe.items() if (f or {}).get("iface")}
     cache = read_cache(inv)
     for b in (cache.answered() if cache else {}).values():
-        if b.iface and getattr(b, "master", None) in (None, inv.master_addr):
+        if b.iface and b.extra.get("master") in (None, inv.master_addr):
             found[b.name] = b.iface
     return found
 
@@ -296,7 +292,7 @@ def start_job(inv: Inventory, doc: dict, opts: JobSpec, *, connect_timeout: floa
             if not target.local:
                 warn_torch_changed(run.name, found, plan)
                 run.run_dir = absolute_workdir(run.run_dir, found["home"])
-            job = job_doc(work.spec, rec.id, run.run_dir, resume=resume_of is not None)
+            job = replace(work.spec, id=rec.id, workdir=run.run_dir, resume=resume_of is not None).to_dict()
             data_dir = workload.board_data_dir(target, work.spec)
             job["data_dir"] = absolute_workdir(data_dir, found["home"]) if data_dir and not target.local else data_dir
             if not target.local and opts.dataset == "digits" and not opts.data_dir:

@@ -33,7 +33,8 @@ def digits_file() -> Path:
 def runtime_files() -> list[tuple[Path, str]]:
     """(local file, path relative to the shipped package root) for the runtime package."""
     root = package_root()
-    files = [root / "dsparse_cli" / f for f in ("__init__.py", "contract.py", "modelspec.py")]
+    files = [root / "dsparse_cli" / f for f in ("__init__.py", "contract.py", "modelspec.py",
+                                                 "probing/__init__.py", "probing/board_script.py")]
     files += sorted((root / "dsparse_cli" / "runtime").rglob("*.py"))
     return [(f, str(f.relative_to(root))) for f in files]
 

@@ -103,7 +103,7 @@ def _image_folder(inv: Inventory, plan: Plan, opts: JobSpec) -> None:
         raise ConfigError(f"data dir {opts.data_dir} not found")
     try:
         index = imagefolder.scan(str(root), opts.val_fraction, imagefolder.SPLIT_SEED)
-        imagefolder.check_images(str(root), index, opts.skip_bad_images)
+        imagefolder.bad_images(str(root), index, opts.skip_bad_images)
     except DataError as exc:
         raise ConfigError(str(exc)) from None
     if len(index.classes) > plan.num_classes:

@@ -11,15 +11,3 @@ def board_script_source() -> str:
     """The script's text, to pipe into `python3 - [args]` on a board."""
     with open(BOARD_SCRIPT_PATH, encoding="utf-8") as f:
         return f.read()
-
-
-def __getattr__(name: str):
-    # DeviceInfo pulls in pydantic; load it only when asked for
-    if name in ("DeviceInfo", "parse_probe_output"):
-        from dsparse_cli.probing import parse
-
-        return getattr(parse, name)
-    raise AttributeError(name)
-
-
-__all__ = ["BOARD_SCRIPT_PATH", "board_script_source", "DeviceInfo", "parse_probe_output"]

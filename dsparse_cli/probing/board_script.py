@@ -71,13 +71,7 @@ def _first_token(text):
 
 def parse_cgroup_v2_max(text):
     """memory.max -> bytes, or None when "max" (unlimited) or unreadable."""
-    token = _first_token(text)
-    if token is None or token == "max":
-        return None
-    try:
-        return int(token)
-    except ValueError:
-        return None
+    return parse_int(text)   # "max" is no integer
 
 
 def parse_cgroup_v1_limit(text):
@@ -86,15 +80,6 @@ def parse_cgroup_v1_limit(text):
     if value is None or value < 0 or value >= UNLIMITED_V1:
         return None
     return value
-
-
-# names used in docs/internals.md
-def parse_cgroup_v2(text):
-    return parse_cgroup_v2_max(text)
-
-
-def parse_cgroup_v1(text):
-    return parse_cgroup_v1_limit(text)
 
 
 def parse_int(text):
@@ -170,10 +155,6 @@ def parse_mountinfo_cgroup_v1(text, controller):
     return None
 
 
-def parse_mountinfo_memory_v1(text):
-    return parse_mountinfo_cgroup_v1(text, "memory")
-
-
 def parse_mountinfo_cgroup2(text):
     """(root, mountpoint) of the cgroup2 (unified) mount, or None."""
     for root, mountpoint, fstype, _opts in _mountinfo_rows(text):
@@ -246,8 +227,8 @@ def parse_cgroup_v1_cpu_quota(quota_text, period_text):
 def effective_cpus(cpus, allowed, quota):
     """The CPUs a process may use: its affinity (else the machine's count), capped by a cgroup
     quota rounded down (1.5 CPUs keep one core busy, not two), at least 1; None if nothing is
-    known. torch ignores quotas, so the worker sizes its threads with this rule
-    (dsparse_cli/runtime/cpus.py repeats it: this file cannot be imported there)."""
+    known. torch ignores quotas, so the worker sizes its threads with this rule too
+    (dsparse_cli/runtime/cpus.py imports this file, which is shipped with the runtime)."""
     limits = [n for n in (allowed or cpus,) if n]
     if quota:
         limits.append(max(1, int(quota)))
@@ -365,13 +346,7 @@ def usable_memory(avail, cg_limit, cg_usage, inv_limit):
         candidates.append((max(cg_limit - (cg_usage or 0), 0), "cgroup"))
     if inv_limit is not None:
         candidates.append((inv_limit, "inventory"))
-    if not candidates:
-        return None, None
-    best = candidates[0]
-    for cand in candidates[1:]:
-        if cand[0] < best[0]:
-            best = cand
-    return best
+    return min(candidates, key=lambda c: c[0]) if candidates else (None, None)
 
 
 # ---------------------------------------------------------------- collectors
@@ -422,16 +397,15 @@ def collect_memory(info, warnings, meminfo_path="/proc/meminfo", sys_block="/sys
     info["zram_bytes"] = zram_bytes(sys_block)
 
 
-def _v2_memory_level(directory):
-    limit = parse_cgroup_v2_max(read_text(os.path.join(directory, "memory.max")))
-    usage = parse_int(read_text(os.path.join(directory, "memory.current")))
-    stat = parse_memory_stat(read_text(os.path.join(directory, "memory.stat"), ""))
-    return limit, usage, inactive_file_bytes(stat)
+# cgroup version -> (limit file, its parser, usage file)
+_MEMORY_FILES = {1: ("memory.limit_in_bytes", parse_cgroup_v1_limit, "memory.usage_in_bytes"),
+                 2: ("memory.max", parse_cgroup_v2_max, "memory.current")}
 
 
-def _v1_memory_level(directory):
-    limit = parse_cgroup_v1_limit(read_text(os.path.join(directory, "memory.limit_in_bytes")))
-    usage = parse_int(read_text(os.path.join(directory, "memory.usage_in_bytes")))
+def _memory_level(version, directory):
+    limit_file, parse_limit, usage_file = _MEMORY_FILES[version]
+    limit = parse_limit(read_text(os.path.join(directory, limit_file)))
+    usage = parse_int(read_text(os.path.join(directory, usage_file)))
     stat = parse_memory_stat(read_text(os.path.join(directory, "memory.stat"), ""))
     return limit, usage, inactive_file_bytes(stat)
 
@@ -470,8 +444,7 @@ def find_cgroup(controller):
 
 def cgroup_memory(version, dirs):
     """-> dict of the cgroup_* fields and the (limit, non-reclaimable usage) to budget with."""
-    reader = _v1_memory_level if version == 1 else _v2_memory_level
-    levels = [reader(d) for d in dirs]
+    levels = [_memory_level(1 if version == 1 else 2, d) for d in dirs]
     limit, usage, reclaim = tightest_cgroup(levels)
     if limit is None and levels:
         usage, reclaim = levels[0][1], levels[0][2]
@@ -736,13 +709,11 @@ def collect_torch_info(info, args, warnings):
         torch = torch or {}
     if warning:
         warnings.append(warning)
-    info["torch"] = torch.get("torch")
+    # gloo None: not known (no torch, or its import timed out)
+    for key in ("torch", "torchvision", "gloo", "cuda_device", "cuda_memory_bytes"):
+        info[key] = torch.get(key)
     info["torch_timed_out"] = bool(torch.get("timed_out"))  # proved nothing: the preflight checks
-    info["torchvision"] = torch.get("torchvision")
-    info["gloo"] = torch.get("gloo")   # None: not known (no torch, or its import timed out)
     info["cuda"] = bool(torch.get("cuda"))
-    info["cuda_device"] = torch.get("cuda_device")
-    info["cuda_memory_bytes"] = torch.get("cuda_memory_bytes")
     # Jetson GPUs allocate from the same RAM MemAvailable reports: never count it twice
     info["cuda_shared_memory"] = bool(info["cuda"] and (info.get("kind") == "jetson"
                                                         or torch.get("cuda_integrated")))

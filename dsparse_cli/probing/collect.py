@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dsparse_cli.errors import ConfigError, RemoteError
@@ -77,14 +77,14 @@ def write_cache(inv: Inventory, infos: list[DeviceInfo]) -> Path:
     for info in infos:
         last = previous.get(info.name)
         if info.ok:
-            kept.append(info.model_copy(update={"probed_at": now, "stale_error": None}))
+            kept.append(replace(info, probed_at=now, stale_error=None))
         elif last is not None and last.ok:
-            kept.append(last.model_copy(update={"stale_error": info.error}))
+            kept.append(replace(last, stale_error=info.error))
         else:
             kept.append(info)
     inv.state_dir.mkdir(parents=True, exist_ok=True)
     path = inv.state_dir / CACHE_NAME
-    doc = {"cluster": inv.name, "time": now, "boards": [i.model_dump(mode="json") for i in kept]}
+    doc = {"cluster": inv.name, "time": now, "boards": [i.to_dict() for i in kept]}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
     os.replace(tmp, path)
@@ -103,7 +103,7 @@ def _load(path: Path) -> ProbeCache:
     try:
         doc = json.loads(path.read_text())
         return ProbeCache(doc.get("cluster", ""), float(doc.get("time", 0)),
-                          [DeviceInfo(**b) for b in doc.get("boards", [])])
+                          [DeviceInfo.from_dict(b) for b in doc.get("boards", [])])
     except (OSError, ValueError, TypeError, AttributeError) as exc:
         raise ConfigError(f"probe cache {path} is unreadable ({str(exc).splitlines()[0]})",
                           "delete it and run `dsparse probe`") from None

@@ -56,15 +56,11 @@ print(got / (time.perf_counter() - t0))
 """
 
 
-def sink_board(inv: Inventory) -> Target:
-    return next((b for b in inv.boards if b.host == inv.master_addr), inv.boards[0])
-
-
 def measure_links(inv: Inventory, *, connect_timeout: float, accept_new_host_keys: bool,
                   nbytes: int = LINK_BYTES) -> dict[str, float]:
     """{board: bytes/s}. A board that cannot be reached or cannot reach the master is a
     RemoteError naming it (exit 1)."""
-    sink = sink_board(inv)
+    sink = next((b for b in inv.boards if b.host == inv.master_addr), inv.boards[0])   # see the module doc
     senders = [b for b in inv.boards if b.name != sink.name]
     if not senders:
         raise ConfigError("--links needs at least two boards: a link is measured between a board and the master")

@@ -6,19 +6,18 @@ Never imports torch (`dsparse probe` must stay fast).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ConfigDict, ValidationError
-
+from dsparse_cli.contract import ContractError, _emit, _take   # the contract's record reader and writer
 from dsparse_cli.errors import RemoteError
 
 _CONTEXT_CHARS = 120
 
 
-class DeviceInfo(BaseModel):
-    """One board as probed. Field names are the `dsparse probe --json` contract;
-    extra keys a newer board script prints are kept (extra="allow")."""
-
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
+@dataclass
+class DeviceInfo:
+    """One board as probed. Field names are the `dsparse probe --json` contract; keys a newer
+    board script prints are kept in `extra` (read like the contract's records, `contract._take`)."""
 
     name: str
     ok: bool = True
@@ -61,18 +60,24 @@ class DeviceInfo(BaseModel):
     workdir: str | None = None
     iface: str | None = None
     address: str | None = None
-    warnings: list[str] = []
+    warnings: list = field(default_factory=list)
     # Kept by the probe cache: a board that fails a later probe keeps its last good result.
     probed_at: float | None = None             # when this result was measured (this machine's clock)
     stale_error: str | None = None             # why the newest probe of the board failed
+    extra: dict = field(default_factory=dict)  # e.g. `master`, the address the probe routed to
 
     @classmethod
     def failed(cls, name: str, error: str) -> "DeviceInfo":
         return cls(name=name, ok=False, error=error)
 
     @classmethod
-    def from_probe_json(cls, name: str, text: str, stderr: str = "") -> "DeviceInfo":
-        return parse_probe_output(name, text, stderr)
+    def from_dict(cls, doc: dict, where: str = "probe result") -> "DeviceInfo":
+        """Checked as the contract checks a document: a ContractError names the first bad key."""
+        return _take(cls, doc, where)
+
+    def to_dict(self) -> dict:
+        """The JSON document: the fields, then the kept unknown keys."""
+        return _emit(self)
 
 
 def _context_line(text: str) -> str:
@@ -111,11 +116,6 @@ def parse_probe_output(name: str, stdout: str, stderr: str = "") -> DeviceInfo:
         )
     data = {k: v for k, v in data.items() if k not in ("name", "ok", "error")}
     try:
-        return DeviceInfo(name=name, **data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err.get("loc", ()))
-        raise RemoteError(
-            f"{name}: probe output has a bad field {where}: {err.get('msg', 'invalid')}",
-            hint="the board script and this dsparse version may not match",
-        ) from None
+        return DeviceInfo.from_dict({**data, "name": name}, where="probe output")
+    except ContractError as e:
+        raise RemoteError(f"{name}: {e}", hint="the board script and this dsparse version may not match") from None

@@ -15,8 +15,8 @@ from dsparse_cli.remote.parallel import BoardResult, fan_out
 if TYPE_CHECKING:
     from dsparse_cli.inventory import Target
 
-__all__ = ["TIMEOUT_RC", "BoardResult", "Detached", "LocalTransport", "RunResult",
-           "SSHTransport", "Transport", "connect", "fan_out"]
+__all__ = ["TIMEOUT_RC", "BoardResult", "Detached", "LocalTransport", "RunResult", "Transport", "connect",
+           "fan_out"]
 
 
 def connect(target: "Target", *, connect_timeout: float, accept_new_host_keys: bool = False,
@@ -30,11 +30,3 @@ def connect(target: "Target", *, connect_timeout: float, accept_new_host_keys: b
 
     return SSHTransport(target, connect_timeout=connect_timeout, accept_new_host_keys=accept_new_host_keys,
                         known_hosts=known_hosts or getattr(target, "known_hosts", None))
-
-
-def __getattr__(name: str):
-    if name == "SSHTransport":
-        from dsparse_cli.remote.ssh import SSHTransport
-
-        return SSHTransport
-    raise AttributeError(name)

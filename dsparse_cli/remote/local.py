@@ -26,10 +26,6 @@ _DETACHED: dict[int, subprocess.Popen] = {}
 _DETACHED_LOCK = threading.Lock()
 
 
-def _expand(path: str) -> str:
-    return os.path.expanduser(path)
-
-
 def _decode(data: bytes | None) -> str:
     return (data or b"").decode("utf-8", errors="replace")
 
@@ -105,7 +101,7 @@ class LocalTransport(Transport):
 
     # -- files ----------------------------------------------------------------------------
     def put(self, local_path: str, remote_path: str) -> None:
-        src, dst = _expand(local_path), _expand(remote_path)
+        src, dst = os.path.expanduser(local_path), os.path.expanduser(remote_path)
         try:
             os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
             shutil.copyfile(src, dst)
@@ -119,8 +115,8 @@ class LocalTransport(Transport):
     # -- detached processes ---------------------------------------------------------------
     def start_detached(self, cmd: str, *, log_path: str, env: dict[str, str] | None = None,
                        cwd: str | None = None) -> Detached:
-        log = _expand(log_path)
-        workdir = _expand(cwd) if cwd else None
+        log = os.path.expanduser(log_path)
+        workdir = os.path.expanduser(cwd) if cwd else None
         if workdir and not os.path.isdir(workdir):
             raise RemoteError(f"{self.target.name}: working directory {cwd} does not exist")
         try:

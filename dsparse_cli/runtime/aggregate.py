@@ -69,7 +69,6 @@ class Counters:
     sent: float = 0.0
     recv: float = 0.0
     dense: float = 0.0
-    ops: int = 0
 
 
 @dataclass
@@ -359,7 +358,6 @@ class GroupedAggregator:
         t.sent += sent
         t.recv += recv
         t.dense += dense
-        t.ops += 1
 
     def report(self) -> dict:
         """Per-step averages over the steps so far (status.json / summary.json keys); agg_ms is

@@ -27,12 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dsparse_cli.contract import DATASETS
 # The records live in imagefolder.py (torch-free, so the CLI can raise and catch DataError
-# without torch); this module is where everyone imports them from.
-from dsparse_cli.runtime.imagefolder import DataError, Dataset, Split, load_imagefolder  # noqa: F401
-
-DATASETS = ("digits", "cifar10", "synthetic", "imagefolder")
-SPLIT_SEED = 1234          # the digits/synthetic train/test split never depends on the job seed
+# without torch); this module is where everyone imports them from. SPLIT_SEED: the digits and
+# synthetic train/test split, like an image folder's, never depends on the job seed.
+from dsparse_cli.runtime.imagefolder import SPLIT_SEED, DataError, Dataset, Split, load_imagefolder  # noqa: F401
 DIGITS_TEST_FRACTION = 0.2
 SYNTHETIC_SAMPLES = 1280   # train + test, when the job does not say
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)

@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
-SPLIT_SEED = 1234          # = data.SPLIT_SEED: the split and shards never depend on the job seed
+SPLIT_SEED = 1234          # the split and shards never depend on the job seed (data.py's splits use it too)
 MANIFEST = "dsparse-shard.json"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -86,10 +86,6 @@ def _order(seed: int, paths: list) -> list:
     return sorted(paths, key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).digest())
 
 
-def _subdirs(path: str) -> list:
-    return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
-
-
 def _images(root: str, rel: str) -> list:
     """Image files under `root/rel` (recursively, like ImageFolder), '/'-separated, sorted."""
     found = []
@@ -103,7 +99,7 @@ def _images(root: str, rel: str) -> list:
 def _classes(root: str, rel: str, shown: str) -> tuple:
     """(class names, {class: its image paths}); DataError when a folder has none."""
     base = os.path.join(root, rel) if rel else root
-    names = _subdirs(base)
+    names = sorted(e.name for e in os.scandir(base) if e.is_dir() and not e.name.startswith("."))
     if not names:
         raise DataError(f"{shown} has no class subfolders: expected {shown}/<class>/<image> "
                         f"or {shown}/train/<class>/…")
@@ -193,11 +189,6 @@ def bad_images(root: str, index: FolderIndex, skip_bad: bool = True) -> list:
         raise DataError(f"image {path} in {root} does not decode ({reason}); fix or remove it, "
                         "or pass --skip-bad-images")
     return [p for p, _ in bad]
-
-
-def check_images(root: str, index: FolderIndex, skip_bad: bool = False) -> int:
-    """How many of the index's images do not decode (an error naming the first unless `skip_bad`)."""
-    return len(bad_images(root, index, skip_bad))
 
 
 def without(index: FolderIndex, paths) -> FolderIndex:

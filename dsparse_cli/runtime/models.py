@@ -75,7 +75,6 @@ class TinyCNN(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
-MODEL_NAMES = MODELS   # the hand-split names the planner checks before it imports torch
 # The auxiliary heads return a tuple in train mode; without them forward returns one tensor
 # (init_weights: torchvision warns when it is left unset).
 _TORCHVISION_EXTRA = {"googlenet": {"aux_logits": False, "init_weights": True},
@@ -110,12 +109,6 @@ def build_model(spec: str, num_classes: int = 10, search_dirs: Sequence[str] = (
 
     return torchvision.models.get_model(spec, weights=None, num_classes=num_classes,
                                         **_TORCHVISION_EXTRA.get(spec, {}))
-
-
-def model_file(spec: str) -> str | None:
-    """The local path of a file spec's .py file (the launcher ships it); None for other specs."""
-    kind, location, _ = _parse(spec)
-    return os.path.expanduser(location) if kind == FILE else None
 
 
 def _parse(spec: str) -> tuple[str, str, str | None]:
@@ -197,20 +190,12 @@ def _mobilenet_v2(model: nn.Module) -> list[tuple[str, list[str]]]:
     return units + [("last_conv", [f"features.{n - 1}"]), ("classifier", ["classifier"])]
 
 
-def _resnet(model: nn.Module) -> list[tuple[str, list[str]]]:
-    units = [("stem", ["conv1", "bn1"])]
-    for layer in ("layer1", "layer2", "layer3", "layer4"):
-        for i in range(len(getattr(model, layer))):
-            units.append((f"{layer}.{i}", [f"{layer}.{i}"]))
-    return units + [("classifier", ["fc"])]
-
-
-def _shufflenet(model: nn.Module) -> list[tuple[str, list[str]]]:
-    units = [("stem", ["conv1"])]
-    for stage in ("stage2", "stage3", "stage4"):
-        for i in range(len(getattr(model, stage))):
-            units.append((f"{stage}.{i}", [f"{stage}.{i}"]))
-    return units + [("last_conv", ["conv5"]), ("classifier", ["fc"])]
+def _staged(stem: list[str], stages: tuple[str, ...], tail: list[tuple[str, list[str]]]):
+    """A stem, one unit per block of each stage, then `tail` (ResNet's layers, ShuffleNet's stages)."""
+    def split(model: nn.Module) -> list[tuple[str, list[str]]]:
+        blocks = [(f"{s}.{i}", [f"{s}.{i}"]) for s in stages for i in range(len(getattr(model, s)))]
+        return [("stem", stem)] + blocks + tail
+    return split
 
 
 def _tiny_cnn(model: nn.Module) -> list[tuple[str, list[str]]]:
@@ -221,8 +206,9 @@ def _tiny_cnn(model: nn.Module) -> list[tuple[str, list[str]]]:
 _SPLITS = {
     "mobilenet_v2": _mobilenet_v2,
     "mobilenet_v3_small": _mobilenet_v2,  # same shape: features[0] stem ... features[-1] conv
-    "resnet18": _resnet,
-    "shufflenet_v2_x0_5": _shufflenet,
+    "resnet18": _staged(["conv1", "bn1"], ("layer1", "layer2", "layer3", "layer4"), [("classifier", ["fc"])]),
+    "shufflenet_v2_x0_5": _staged(["conv1"], ("stage2", "stage3", "stage4"),
+                                  [("last_conv", ["conv5"]), ("classifier", ["fc"])]),
     "tiny_cnn": _tiny_cnn,
 }
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -325,7 +311,7 @@ def list_available(num_classes: int = 10) -> list[dict]:
     """Every buildable name for `dsparse models`: name, source, parameters, units, and `error`
     for a model that cannot be built or split here. Built on the meta device: no memory, no
     initialisation work."""
-    names = list(MODEL_NAMES) + [n for n in torchvision_names() if n not in MODEL_NAMES]
+    names = list(MODELS) + [n for n in torchvision_names() if n not in MODELS]
     return [_describe(name, num_classes) for name in names]
 
 
@@ -339,7 +325,6 @@ def _describe(name: str, num_classes: int) -> dict:
     except Exception as exc:  # noqa: BLE001 - one bad model must not hide the others
         row["error"] = str(exc) if isinstance(exc, ModelError) else _one_line(exc)
     return row
-
 
 
 # Random fills of a meta tensor do nothing, but torch runs them through a slow Python decomposition.

@@ -138,7 +138,7 @@ def _fit(model: nn.Module, units: list[UnitSpec], state: dict, spec: str) -> lis
                 continue
             raise WeightsError(f"weights do not fit {spec}: {key} is missing (the model's is {_shape(mine)})")
         if state[key].shape != mine.shape:
-            if not _in(key, head):
+            if not any(key.startswith(m + ".") for m in head):
                 raise WeightsError(f"weights do not fit {spec}: {key} is {_shape(state[key])} in the weights, "
                                    f"{_shape(mine)} in the model")
             kept.append(key)
@@ -146,10 +146,6 @@ def _fit(model: nn.Module, units: list[UnitSpec], state: dict, spec: str) -> lis
         if key not in own and not _absent_aux(model, key):
             raise WeightsError(f"weights do not fit {spec}: unexpected key {key} {_shape(state[key])}")
     return kept
-
-
-def _in(key: str, modules: tuple[str, ...]) -> bool:
-    return any(key.startswith(m + ".") for m in modules)
 
 
 def _absent_aux(model: nn.Module, key: str) -> bool:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from dsparse_cli.errors import ConfigError, RemoteError
-from dsparse_cli.remote import TIMEOUT_RC, SSHTransport, connect
+from dsparse_cli.remote import TIMEOUT_RC, connect
+from dsparse_cli.remote.ssh import SSHTransport
 from dsparse_cli.remote.base import Detached
 from sshd import keygen
 

@@ -12,7 +12,8 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[2] / "dsparse_cli"
 STDLIB = set(sys.stdlib_module_names)
-SHIPPED = ("dsparse_cli.runtime", "dsparse_cli.contract", "dsparse_cli.modelspec")   # what the launcher copies to boards
+SHIPPED = ("dsparse_cli.runtime", "dsparse_cli.contract", "dsparse_cli.modelspec",   # what the launcher copies
+           "dsparse_cli.probing.board_script")                                        # to boards
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -42,6 +43,7 @@ def test_contract_is_stdlib_only_and_shipped():
     assert {name.split(".")[0] for name in imported_modules(PKG / "contract.py")} <= STDLIB | {"__future__"}
     shipped = {rel for _, rel in runtime_files()}
     assert "dsparse_cli/contract.py" in shipped and "dsparse_cli/runtime/worker.py" in shipped
+    assert "dsparse_cli/probing/board_script.py" in shipped   # runtime/cpus.py imports it
 
 
 def test_board_script_is_stdlib_only():

@@ -8,7 +8,8 @@ import threading
 
 import pytest
 
-from dsparse_cli.runtime.heartbeat import KEYS, Heartbeat
+from dsparse_cli.contract import HEARTBEAT_KEYS as KEYS
+from dsparse_cli.runtime.heartbeat import Heartbeat
 
 CONTRACT_KEYS = {"job", "rank", "name", "state", "epoch", "epochs", "step", "steps_per_epoch", "loss", "accuracy",
                  "samples_per_s", "peak_memory_bytes", "base_memory_bytes", "agg_ms_per_step",

@@ -186,8 +186,8 @@ def test_a_corrupt_image_is_named_or_skipped_and_counted(folder, tmp_path):
     broken = index.train[5][0]
     (d / broken).write_bytes(b"not a png at all")
     with pytest.raises(DataError, match=f"image {broken} in .* does not decode.*--skip-bad-images"):
-        imagefolder.check_images(str(d), index, skip_bad=False)
-    assert imagefolder.check_images(str(d), index, skip_bad=True) == 1
+        imagefolder.bad_images(str(d), index, skip_bad=False)
+    assert imagefolder.bad_images(str(d), index, skip_bad=True) == [broken]
 
     owner = next(r for r in range(2) if broken in {p for p, _ in shard(index, r, 2).train})
     ds = data.load_dataset("imagefolder", data_dir=str(d), rank=owner, world=2, image_size=8, skip_bad_images=True)
@@ -200,8 +200,8 @@ def test_a_corrupt_image_is_named_or_skipped_and_counted(folder, tmp_path):
 
 
 def test_the_index_side_never_imports_torch(folder):
-    code = ("import sys; from dsparse_cli.runtime.imagefolder import scan, shard, check_images; "
-            "i = scan(sys.argv[1]); check_images(sys.argv[1], shard(i, 0, 2)); print('torch' in sys.modules)")
+    code = ("import sys; from dsparse_cli.runtime.imagefolder import scan, shard, bad_images; "
+            "i = scan(sys.argv[1]); bad_images(sys.argv[1], shard(i, 0, 2)); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

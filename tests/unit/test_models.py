@@ -13,8 +13,8 @@ from dsparse_cli.errors import ConfigError
 from dsparse_cli.planning import profile as P
 
 torch = pytest.importorskip("torch")
-from dsparse_cli.runtime.models import (ModelError, build_model, list_available, model_file,  # noqa: E402
-                                        split_units, unit_params)
+from dsparse_cli.runtime.models import (ModelError, build_model, list_available, split_units,  # noqa: E402
+                                        unit_params)
 
 
 def _train_step(model) -> None:
@@ -96,7 +96,7 @@ def test_user_file_without_dsparse_units_uses_the_generic_rule(tmp_path):
     model = build_model(spec, 7)
     assert model.head[2].out_features == 7
     assert [u.name for u in split_units(model, spec)] == ["stem", "body", "head"]
-    assert model_file(spec) == str(tmp_path / "my_net.py")
+    assert modelspec.parse(spec) == (modelspec.FILE, str(tmp_path / "my_net.py"), "make")   # the file a job ships
 
 
 def test_user_file_with_dsparse_units_and_a_factory_without_num_classes(tmp_path):

@@ -78,7 +78,7 @@ def test_cgroup_v2_max():
     assert bs.parse_cgroup_v2_max(text("cgv2_memory.max.1g")) == 1 << 30
     assert bs.parse_cgroup_v2_max(None) is None
     assert bs.parse_cgroup_v2_max("") is None
-    assert bs.parse_cgroup_v2("max\n") is None and bs.parse_cgroup_v2("5\n") == 5
+    assert bs.parse_cgroup_v2_max("max\n") is None and bs.parse_cgroup_v2_max("5\n") == 5
 
 
 def test_cgroup_v1_limit_unlimited_and_real():
@@ -87,8 +87,8 @@ def test_cgroup_v1_limit_unlimited_and_real():
     assert bs.parse_cgroup_v1_limit(text("cgv1_memory.limit_in_bytes.2g")) == 2 << 30
     assert bs.parse_cgroup_v1_limit("-1\n") is None
     assert bs.parse_cgroup_v1_limit(None) is None
-    assert bs.parse_cgroup_v1("1152921504606846976") is None          # exactly 2^60
-    assert bs.parse_cgroup_v1("1152921504606846975") == (1 << 60) - 1
+    assert bs.parse_cgroup_v1_limit("1152921504606846976") is None          # exactly 2^60
+    assert bs.parse_cgroup_v1_limit("1152921504606846975") == (1 << 60) - 1
 
 
 def test_usage_and_stat_files():
@@ -139,13 +139,13 @@ def test_proc_self_cgroup_v1_v2_docker():
 
 
 def test_mountinfo_finds_memory_v1_and_cgroup2():
-    assert bs.parse_mountinfo_memory_v1(text("mountinfo_v1.txt")) == ("/", "/sys/fs/cgroup/memory")
+    assert bs.parse_mountinfo_cgroup_v1(text("mountinfo_v1.txt"), "memory") == ("/", "/sys/fs/cgroup/memory")
     assert bs.parse_mountinfo_cgroup_v1(text("mountinfo_v1.txt"), "cpu") == \
         ("/", "/sys/fs/cgroup/cpu,cpuacct")
     assert bs.parse_mountinfo_cgroup2(text("mountinfo_v1.txt")) == ("/", "/sys/fs/cgroup/unified")
-    assert bs.parse_mountinfo_memory_v1(text("mountinfo_v2.txt")) is None
+    assert bs.parse_mountinfo_cgroup_v1(text("mountinfo_v2.txt"), "memory") is None
     assert bs.parse_mountinfo_cgroup2(text("mountinfo_v2.txt")) == ("/", "/sys/fs/cgroup")
-    docker = bs.parse_mountinfo_memory_v1(text("mountinfo_docker_v1.txt"))
+    docker = bs.parse_mountinfo_cgroup_v1(text("mountinfo_docker_v1.txt"), "memory")
     assert docker == ("/docker/4b825dc642cb6eb9a060e54bf8d69288fbee4904", "/sys/fs/cgroup/memory")
     # name=systemd hierarchy must not be taken for the memory controller
     assert bs.parse_mountinfo_cgroup_v1(text("mountinfo_v1.txt"), "systemd") is None
@@ -153,7 +153,7 @@ def test_mountinfo_finds_memory_v1_and_cgroup2():
 
 def test_mountinfo_octal_escapes():
     line = "40 31 0:37 / /mnt/my\\040cg rw - cgroup cgroup rw,memory\n"
-    assert bs.parse_mountinfo_memory_v1(line) == ("/", "/mnt/my cg")
+    assert bs.parse_mountinfo_cgroup_v1(line, "memory") == ("/", "/mnt/my cg")
 
 
 def test_cgroup_dir_and_levels():
@@ -340,8 +340,8 @@ def test_parse_probe_output_ok_keeps_extras_and_skips_banners():
     info = parse_probe_output("b0", "Welcome to Ubuntu\n" + _probe_json() + "\n")
     assert info.ok and info.name == "b0" and info.kind == "jetson"
     assert info.usable_memory_bytes == 5 and info.cuda_shared_memory
-    assert info.model_dump()["future_field"] == {"x": 1}
-    assert DeviceInfo.from_probe_json("b0", _probe_json()).hostname == "orin"
+    assert info.to_dict()["future_field"] == {"x": 1}
+    assert parse_probe_output("b0", _probe_json()).hostname == "orin"
 
 
 @pytest.mark.parametrize("stdout,stderr,needle", [
