@@ -40,8 +40,9 @@ def memory_chart(plt, doc: dict, path: Path) -> None:
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(methods[0]["boards"]))],
                       [f"board {j}" for j in range(len(methods[0]["boards"]))])
         ax.set_title(title)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(methods), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

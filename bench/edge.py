@@ -1,7 +1,7 @@
 """dsparse against real DDP on the wire (issue "Beat DDP on the wire", item 5).
 
     python bench/edge.py                # 4 boards, mobilenet_v2, 60 steps; table + bench/results/edge.{json,md}
-    python bench/edge.py --smoke        # 2 boards, tiny_cnn, 4 steps, fine-tuned, every method (`make bench-smoke`)
+    python bench/edge.py --smoke        # 2 boards, tiny_cnn, batch 16, 4 steps, fine-tuned, every method
     python bench/edge.py --json         # the results JSON only
     sudo .venv/bin/python bench/edge.py --testbed --finetune --image-size 64   # the emulated cluster, over SSH
 
@@ -68,7 +68,7 @@ METHODS = ("ddp", "ddp_powersgd", "dsparse_memory", "dsparse_time", "dsparse_tim
 # the plan each dsparse method trains under: `dsparse plan --objective OBJECTIVE` + these flags
 PLANS = {"dsparse_memory": "memory", "dsparse_time": "time", "dsparse_time_pbgc": "time", "dsparse_frozen": "frozen"}
 PEER = REPO / "bench" / "peers" / "ddp_train.py"
-SMOKE = {"boards": 2, "model": "tiny_cnn", "steps": 4, "finetune": True, "pretrain_steps": 10}
+SMOKE = {"boards": 2, "model": "tiny_cnn", "batch_size": 16, "steps": 4, "finetune": True, "pretrain_steps": 10}
 
 
 # --- set-up ------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import seed_profile
+
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench" / "edge.py"
 METHODS = ["ddp", "ddp_powersgd", "dsparse_memory", "dsparse_time", "dsparse_time_pbgc", "dsparse_frozen"]
@@ -20,9 +22,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+def smoke(tmp_path_factory, tiny_cnn_profile):
     tmp = tmp_path_factory.mktemp("bench-edge")
     out = tmp / "results" / "edge.json"
+    seed_profile(tiny_cnn_profile, tmp / "work" / ".dsparse")   # the smoke plans tiny_cnn at batch 16 too
     res = subprocess.run([sys.executable, str(BENCH), "--smoke", "--workdir", str(tmp / "work"), "--out", str(out),
                           "--json"], capture_output=True, text=True, timeout=540, cwd=tmp)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
