@@ -4,6 +4,7 @@
     python bench/edge.py --smoke        # 2 boards, tiny_cnn, batch 16, 4 steps, fine-tuned, every method
     python bench/edge.py --json         # the results JSON only
     sudo .venv/bin/python bench/edge.py --testbed --finetune --image-size 64   # the emulated cluster, over SSH
+    sudo .venv/bin/python bench/edge.py --testbed --profile paper7 --finetune --image-size 64
 
 Five methods, each with the same seed, digits shards, per-board batch, learning rate (dsparse's
 default, cosine over the run) and number of steps:
@@ -96,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--memory", default="2GiB", help="--testbed: each board's cgroup memory limit")
     p.add_argument("--cpus", type=float, default=0.4, help="--testbed: each board's CPU quota")
     p.add_argument("--delay", default="1ms", help="--testbed: each link's one-way delay")
+    p.add_argument("--profile", default="uniform", choices=("uniform", "paper7"),
+                   help="--testbed: uniform boards (--boards, --memory, --cpus, --link, --delay) or paper7's seven")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per command")
     p.add_argument("--out", type=Path, default=None, help="results JSON, the markdown table next to it as .md "
                    "(default bench/results/edge.json; edge-smoke.json with --smoke, so a smoke never overwrites a run)")
@@ -111,6 +114,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         from dsparse_cli.contract import JobSpec
         a.lr = JobSpec().lr
     a.weights = None   # set by --finetune's pretraining
+    if a.profile == "paper7":
+        if not a.testbed:
+            p.error("--profile paper7 needs --testbed")
+        a.boards = 7
     if a.methods is None:
         a.methods = ",".join(m for m in METHODS if a.finetune or m != "dsparse_frozen")
     check_methods(p, a, METHODS)
@@ -251,7 +258,10 @@ def on_testbed(args, work: Path) -> tuple[list[dict], list[dict], dict]:
 
     try:
         testbed(work, "up", *edge_testbed.up_args(args))
-        return run_all(args, work, prepare(work, args.link))
+        cluster = prepare(work, args.link)
+        if args.profile == "paper7":
+            args.link = edge_testbed.links_from_record(work, cluster)
+        return run_all(args, work, cluster)
     finally:
         testbed(work, "down")
 
@@ -308,8 +318,9 @@ def _plan_brief(p: dict) -> dict:
 def markdown(doc: dict) -> str:
     c = doc["config"]
     tb = c.get("testbed")
-    where = (f"testbed boards over SSH ({tb['cpus']:g} CPU, {tb['memory']}, link {c['link']}, {tb['delay']} delay)"
-             if tb else f"local boards, link {c['link']} (planning input)")
+    where = (f"local boards, link {c['link']} (planning input)" if not tb else
+             f"paper7 testbed boards over SSH (links {c['link']})" if tb.get("profile") == "paper7" else
+             f"testbed boards over SSH ({tb['cpus']:g} CPU, {tb['memory']}, link {c['link']}, {tb['delay']} delay)")
     start = f", fine-tuned from digits 0-4 ({c['pretrain_steps']} steps)" if c.get("finetune") else ""
     head = (f"{c['model']} {c['image_size']}x{c['image_size']} on digits{start}, {c['boards']} {where}, "
             f"batch {c['batch_size']}, {c['steps']} steps, seed {c['seed']}, lr {c['lr']:g}\n\n")
@@ -349,7 +360,8 @@ def main(argv=None) -> int:
         "batch_size": args.batch_size, "steps": args.steps, "seed": args.seed, "lr": args.lr, "link": args.link,
         "sync_every": args.sync_every, "smoke": args.smoke, "host_cpus": os.cpu_count(),
         "finetune": args.finetune, "pretrain_steps": args.pretrain_steps if args.finetune else None,
-        "testbed": {"memory": args.memory, "cpus": args.cpus, "delay": args.delay} if args.testbed else None,
+        "testbed": ({"profile": "paper7"} if args.profile == "paper7" else
+                    {"memory": args.memory, "cpus": args.cpus, "delay": args.delay}) if args.testbed else None,
         "bench_s": time.time() - t0, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")

@@ -4,6 +4,9 @@ The boards are `scripts/edge-testbed` boards: each its own network namespace, ss
 (`--memory`), CPU quota (`--cpus`) and emulated link (`--link`, `--delay`), so bytes cross a
 shaped link and a board's speed is its own CPU allowance, not the luck of contention.
 
+`--profile paper7` builds the seven mixed boards of docs/testbed.md instead (their own memory,
+CPUs, rates and delays; each board's rate is its `link:`).
+
 * dsparse: the testbed's cluster.yaml with `link:` and graded `training_memory:` allowances (from
   a full update down to 15 % of the way above training the head alone, as the local run grades
   its limits), `dsparse probe`, then plan and train over SSH as for any board.
@@ -30,8 +33,21 @@ PEER = REPO / "bench" / "peers" / "ddp_train.py"
 
 
 def up_args(args) -> list[str]:
+    if args.profile == "paper7":   # each board its own memory, CPUs, rate and delay
+        return ["--profile", "paper7"]
     return ["--boards", str(args.boards), "--memory", args.memory, "--cpus", str(args.cpus),
             "--rate", args.link, "--delay", args.delay]
+
+
+def links_from_record(work: Path, cluster: Path) -> str:
+    """Write each board's emulated rate into cluster.yaml as its `link:` (paper7's differ);
+    -> the rates as a comma list, b0 first (what --link would have said)."""
+    rates = [f"{b['rate_bps']}bit" for b in json.loads((work / "testbed.json").read_text())["boards"]]
+    doc = yaml.safe_load(cluster.read_text())
+    for board, rate in zip(doc["boards"], rates):
+        board["link"] = rate
+    cluster.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return ",".join(rates)
 
 
 def graded_cluster(args, cluster: Path) -> Path:
