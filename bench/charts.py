@@ -2,9 +2,10 @@
 
     .venv/bin/python bench/charts.py [bench/results/edge.json] [--out docs/bench]
 
-Writes edge-memory.png (whole-process peak per board and method, and dsparse's training memory),
-edge-time.png (step time of the slowest board per method, with the part dsparse measured as
-aggregation) and edge-accuracy.png (final accuracy against the command's wall-clock time).
+Writes STEM-memory.png (whole-process peak per board and method, and dsparse's training memory),
+STEM-time.png (step time of the slowest board per method, with the part dsparse measured as
+aggregation) and STEM-accuracy.png (final accuracy against the command's wall-clock time), STEM
+being the results file's name (edge, edge-paper7).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def memory_chart(plt, doc: dict, path: Path) -> None:
             vals = [(b.get(key) or 0) / MiB for b in m["boards"]]
             ax.bar([j + i * width for j in range(len(vals))], vals, width, label=m["name"])
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(methods[0]["boards"]))],
-                      [f"board {j}" for j in range(len(methods[0]["boards"]))])
+                      [f"b{j}" for j in range(len(methods[0]["boards"]))])
         ax.set_title(title)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(methods), fontsize=8)
@@ -82,9 +83,10 @@ def main(argv=None) -> int:
     doc = json.loads(args.results.read_text())
     plt = _plt()
     args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.results.stem
     for name, chart in (("memory", memory_chart), ("time", time_chart), ("accuracy", accuracy_chart)):
-        chart(plt, doc, args.out / f"edge-{name}.png")
-    print(f"wrote edge-memory.png, edge-time.png, edge-accuracy.png in {args.out}")
+        chart(plt, doc, args.out / f"{stem}-{name}.png")
+    print(f"wrote {stem}-memory.png, {stem}-time.png, {stem}-accuracy.png in {args.out}")
     return 0
 
 
