@@ -110,8 +110,12 @@ def sparse_limits(plan: dict, n: int, slack_mib: int = 8) -> list[str]:
     lo = int(plan["min_peak_bytes"]) + extra
     hi = max(int(d["full_update_peak_bytes"]) for d in plan["devices"]) + extra
     keep = 1 - float(plan.get("headroom", HEADROOM))
-    return [f"{math.ceil((lo + (1.0 - 0.85 * i / (n - 1)) * (hi - lo)) / keep / 2**20) + slack_mib}MiB"
-            for i in range(n)]
+    return [f"{math.ceil((lo + share * (hi - lo)) / keep / 2**20) + slack_mib}MiB" for share in graded_shares(n)]
+
+
+def graded_shares(n: int) -> list[float]:
+    """Board i's share of the way from the least to a full update: 1.0 down to 0.15."""
+    return [1.0 - 0.85 * i / max(1, n - 1) for i in range(n)]
 
 
 def train_argv(args, cluster: Path, method: str) -> list[str]:

@@ -55,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -291,7 +292,8 @@ def run_all(args, work: Path, testbed: Path | None = None) -> tuple[list[dict], 
                 rows.append(run_peer(args, work, method, testbed))
             else:
                 if cluster is None:
-                    cluster = edge_testbed.graded_cluster(args, testbed) if testbed else graded_cluster(args, work)
+                    cluster = (edge_testbed.graded_cluster(args, testbed, partial(plan, args, work, testbed))
+                               if testbed else graded_cluster(args, work))
                 kind = PLANS[method]
                 if plans.get("current") != kind:
                     p = plan(args, work, cluster, kind)

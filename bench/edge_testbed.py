@@ -26,7 +26,9 @@ from pathlib import Path
 
 import yaml
 
-from _runner import BenchError, dsparse, free_port, json_of, tail
+from _runner import BenchError, free_port, tail
+from compression import graded_shares
+from wire_check import cli_for, grade
 
 REPO = Path(__file__).resolve().parent.parent
 PEER = REPO / "bench" / "peers" / "ddp_train.py"
@@ -50,31 +52,14 @@ def links_from_record(work: Path, cluster: Path) -> str:
     return ",".join(rates)
 
 
-def graded_cluster(args, cluster: Path) -> Path:
-    """Probe, plan once with the boards' cgroup limits, then give graded training allowances."""
-    _cli(cluster, ["probe", "--accept-new-host-keys"], args.timeout)
-    first = json_of(_cli(cluster, _plan_argv(args, "memory"), args.timeout), "dsparse plan")
-    least = first["min_peak_bytes"] - first["base_bytes"]
+def graded_cluster(args, cluster: Path, plan) -> Path:
+    """Probe, plan once with the boards' cgroup limits (`plan(kind)`: edge.py's), then give graded
+    training allowances."""
+    cli_for(cluster)("probe", "--accept-new-host-keys", timeout=args.timeout)
+    first = plan("memory")
     full = max(d["full_update_training_bytes"] for d in first["devices"])
-    doc = yaml.safe_load(cluster.read_text())
-    n = len(doc["boards"])
-    for i, board in enumerate(doc["boards"]):
-        share = 1.0 - 0.85 * i / max(1, n - 1)
-        board["training_memory"] = f"{(least + share * (full - least)) / 2**20 + 1:.1f}MiB"
-    cluster.write_text(yaml.safe_dump(doc, sort_keys=False))
+    grade(cluster, first["min_peak_bytes"] - first["base_bytes"], full, graded_shares(args.boards))
     return cluster
-
-
-def _plan_argv(args, objective: str) -> list[str]:
-    return ["plan", "--model", args.model, "--batch-size", str(args.batch_size), "--image-size",
-            str(args.image_size), "--objective", objective, "--json"]
-
-
-def _cli(cluster: Path, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
-    res = dsparse(["-c", str(cluster), *argv], cluster.parent, timeout)
-    if res.returncode:
-        raise BenchError(f"dsparse {argv[0]} failed (exit {res.returncode}): {tail(res.stderr)}")
-    return res
 
 
 def run_peer(args, work: Path, cluster: Path, method: str, peer_argv: list[str]) -> tuple[dict, float]:

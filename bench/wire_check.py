@@ -70,10 +70,11 @@ def prepare(directory: Path, rate: str) -> Path:
     return path
 
 
-def grade(path: Path, least: int, full: int) -> None:
-    """Graded training allowances (SHARES between the head alone and a full update) so the plan nests."""
+def grade(path: Path, least: int, full: int, shares=SHARES) -> None:
+    """Graded training allowances (`shares` of the way from the head alone to a full update) so the
+    plan nests."""
     doc = yaml.safe_load(path.read_text())
-    for board, share in zip(doc["boards"], SHARES):
+    for board, share in zip(doc["boards"], shares):
         board["training_memory"] = f"{(least + share * (full - least)) / 2**20 + 1:.1f}MiB"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
 

@@ -20,7 +20,7 @@ from dsparse_cli.errors import ConfigError, DsparseError
 from dsparse_cli.planning.profile import (MALLOC_ENV, Profile, UnitCost, measure_launcher_bytes, profile_key,
                                           save_profile)
 from dsparse_cli.planning.replay import FROZEN, PASSTHROUGH, UPDATED, live_peak_bytes
-from dsparse_cli.runtime.memory import reset_peak_rss
+from dsparse_cli.runtime.memory import private_rss, reset_peak_rss
 from dsparse_cli.runtime.verify_step import read_rss, worker_setup
 
 WARMUP_STEPS = 2
@@ -195,7 +195,6 @@ def _first_steps(torch, model, units, optimizer: str, batch_fn) -> dict:
     Then one eval-mode forward, as the worker's evaluation runs after its steps.
     "file": what the same steps mapped of torch's code (file-backed, 18-37 MiB with the same
     packages: see `runtime/memory.py`), which the profile puts in the process base."""
-    from dsparse_cli.runtime.memory import private_rss
     from dsparse_cli.runtime.sparse import apply_plan, make_optimizer, set_train_mode
 
     n = len(units)
