@@ -49,3 +49,9 @@ class JobError(DsparseError):
     """A job could not be started or failed as a whole."""
 
     exit_code = EXIT_RUNTIME
+
+
+class Interrupted(DsparseError):
+    """Ctrl-C: what was stopped, and how to go on."""
+
+    exit_code = EXIT_INTERRUPTED

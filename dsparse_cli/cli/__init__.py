@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from dsparse_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, DsparseError
+from dsparse_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, DsparseError, Interrupted
 
 
 def main() -> None:
@@ -34,15 +34,28 @@ def main() -> None:
     except ClickException as exc:
         _report(exc.format_message(), False)
         sys.exit(exc.exit_code)
+    except Interrupted as exc:
+        _report(exc.one_line(), options.verbose)
+        _leave_now(exc.exit_code)
     except DsparseError as exc:
         _report(exc.one_line(), options.verbose)
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, Abort):
         _report("interrupted", False)
-        sys.exit(EXIT_INTERRUPTED)
+        _leave_now(EXIT_INTERRUPTED)
     except Exception as exc:  # a bug: still one line unless -v
         _report(f"internal error: {type(exc).__name__}: {exc} (re-run with -v for the traceback)", options.verbose)
         sys.exit(EXIT_RUNTIME)
+
+
+def _leave_now(code: int) -> None:
+    """Exit without joining worker threads: after Ctrl-C, one may still wait on a board that
+    does not answer (an SSH banner, a connect timeout), and the user asked to stop now."""
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _report(message: str, verbose: bool) -> None:

@@ -30,6 +30,14 @@ class _App(TyperGroup):
         for command in self.commands.values():
             command.params.extend(self.params)
 
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:   # typer would end with 130 and say nothing
+            from dsparse_cli.errors import Interrupted
+
+            raise Interrupted("interrupted") from None
+
 
 app = typer.Typer(
     cls=_App,

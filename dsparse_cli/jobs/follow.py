@@ -31,6 +31,7 @@ from dsparse_cli.jobs.boardio import BoardState, last_log_lines, read_state
 from dsparse_cli.jobs.records import JobRecord
 from dsparse_cli.jobs.status import STALE_AFTER_S, board_row
 from dsparse_cli.remote.base import Transport
+from dsparse_cli.remote.parallel import results_of
 from dsparse_cli.render import board_table
 
 # Errors a worker reports when *another* board went away: not the root cause.
@@ -80,7 +81,7 @@ class Follower:
             return None, f"{type(exc).__name__}: {exc}"
 
     def poll(self) -> list[dict]:
-        results = list(self.pool.map(self._poll_one, self.rec.boards))
+        results = results_of([self.pool.submit(self._poll_one, run) for run in self.rec.boards])
         rows, changed = [], False
         for run, (state, err) in zip(self.rec.boards, results):
             if state is not None:

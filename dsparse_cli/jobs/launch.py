@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from dsparse_cli.contract import DATASETS, JobSpec, JobState, Plan, plan_hash
-from dsparse_cli.errors import EXIT_BOARD_FAILED, ConfigError, JobError
+from dsparse_cli.errors import EXIT_BOARD_FAILED, ConfigError, Interrupted, JobError
 from dsparse_cli.inventory import Inventory, Target
 from dsparse_cli.jobs import preflight, records, shipping, workload
 from dsparse_cli.jobs.records import BoardRun, JobRecord
@@ -216,7 +216,6 @@ def _reset_run(transport: Transport, run: BoardRun) -> None:
     """Before a resumed attempt: the last attempt's heartbeat would read as this one's (failed,
     or a dead worker pid), and its log would be shown again. Keep the log as worker.log.N."""
     q = shlex.quote
-    run.pid = run.pgid = run.worker_pid = None
     old_log = f"{run.log_path}.{int(time.time())}"
     transport.run(f"rm -f {q(run.status_path)} {q(run.run_dir + '/summary.json')}; "
                   f"if [ -f {q(run.log_path)} ]; then mv -f {q(run.log_path)} {q(old_log)}; fi", timeout=30)
@@ -270,6 +269,8 @@ def start_job(inv: Inventory, doc: dict, opts: JobSpec, *, connect_timeout: floa
         rec.attempts += 1
         rec.advance(JobState.STARTING)
         rec.failed_board, rec.error = None, None
+        for run in rec.boards:   # the last attempt's processes are gone: not this one's to show or stop
+            run.pid = run.pgid = run.worker_pid = None
     by_name = {b.name: b for b in inv.boards}
     staging = inv.state_dir / "jobs" / f"{rec.id}.staging"
     world = len(rec.boards)
@@ -319,8 +320,8 @@ def start_job(inv: Inventory, doc: dict, opts: JobSpec, *, connect_timeout: floa
                            exit_code=EXIT_BOARD_FAILED)
         raise preflight.PreflightError(problems, preflight.rows(list(checks.values())))
     transports = {r.name: r.value[0] for r in staged}
-    records.save(inv.state_dir, rec)
     try:
+        records.save(inv.state_dir, rec)
         for run, result in zip(rec.boards, staged):
             target, (transport, pkg) = by_name[run.name], result.value
             if resume_of:
@@ -338,10 +339,8 @@ def start_job(inv: Inventory, doc: dict, opts: JobSpec, *, connect_timeout: floa
         started = sum(1 for r in rec.boards if r.pid)
         stop_job(inv, rec, transports=transports)
         if isinstance(exc, KeyboardInterrupt):
-            from dsparse_cli.console import warning
-
-            warning(f"interrupted during the launch: stopped the {started} board(s) started so far "
-                    "(resume with `dsparse train --resume`)")
+            raise Interrupted(f"interrupted during the launch: stopped the {started} board(s) started so far",
+                              "resume with `dsparse train --resume`") from None
         if isinstance(exc, Exception) and not isinstance(exc, JobError):
             raise JobError(f"could not start the job: {exc}") from exc
         raise

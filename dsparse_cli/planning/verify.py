@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -33,6 +33,7 @@ from dsparse_cli.planning.planfile import plan_json
 from dsparse_cli.planning.profile import MALLOC_ENV, child_env
 from dsparse_cli.planning.replay import single_process_bytes
 from dsparse_cli.remote.base import Transport
+from dsparse_cli.remote.parallel import results_of
 from dsparse_cli.runtime.cpus import THREADS_ENV, process_cpus
 
 TOLERANCE = 0.10
@@ -141,9 +142,7 @@ def verify_plan(doc: dict, *, boards: dict[str, Target] | None = None, connect: 
             return row
 
         with ThreadPoolExecutor(max_workers=max(1, len(devices))) as pool:
-            futures = [pool.submit(one, dev) for dev in devices]
-            wait(futures)
-        return [f.result() for f in futures]
+            return results_of([pool.submit(one, dev) for dev in devices])
 
 
 def _remote(target: Target | None, connect: Callable | None) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Generic, Iterable, TypeVar
 
@@ -33,14 +33,22 @@ def fan_out(targets: Iterable["Target"], fn: Callable[["Target"], T], *,
     pool = ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(targets))),
                               thread_name_prefix="dsparse-board")
     try:
-        futures = [pool.submit(_one, fn, t) for t in targets]
-        results = [f.result() for f in futures]
+        results = results_of([pool.submit(_one, fn, t) for t in targets])
     except BaseException:
         # Ctrl-C: don't start the boards still queued; running calls end on their timeouts.
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
     return results
+
+
+def results_of(futures: list[Future[T]]) -> list[T]:
+    """The futures' results in order. The wait wakes up every so often: Linux hands a Ctrl-C to any
+    thread, and the main thread only sees it once it runs again (an SSH banner can take a minute)."""
+    pending = set(futures)
+    while pending:
+        _, pending = wait(pending, timeout=0.2)
+    return [f.result() for f in futures]
 
 
 def _one(fn: Callable[["Target"], T], target: "Target") -> BoardResult[T]:

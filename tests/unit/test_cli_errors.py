@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from helpers import one_line_error, run_cli
@@ -84,3 +86,35 @@ def test_messages_quoting_board_errors_are_not_read_as_markup(capsys):
     warning(f"[bold]{gloo}")
     err = capsys.readouterr().err
     assert f"error: board b2 failed: {gloo}" in err and f"warning: [bold]{gloo}" in err
+
+
+def test_ctrl_c_anywhere_is_one_line_and_130(tmp_path):
+    """Typer turns a stray KeyboardInterrupt into a silent exit 130; the user must still be told."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from helpers import wait_for
+
+    silent = socket.socket()   # accepts, never sends an SSH banner: probe waits on it
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)
+    silent.settimeout(30)
+    (tmp_path / "cluster.yaml").write_text(
+        f"boards:\n  - {{name: mute, host: 127.0.0.1, port: {silent.getsockname()[1]}, user: nobody}}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "dsparse_cli", "probe", "--connect-timeout", "60"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even under `timeout`
+    try:
+        conn, _ = silent.accept()
+        assert wait_for(lambda: proc.poll() is None, 1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        conn.close()
+    finally:
+        proc.kill()
+        silent.close()
+    assert proc.returncode == 130, err
+    assert one_line_error(subprocess.CompletedProcess([], 130, "", err)) == "error: interrupted"
