@@ -228,7 +228,7 @@ def test_bad_models_and_weights_are_refused(planned, tmp_path):
     assert plan_file.read_bytes() == before and _jobs(d) == []
 
 
-@pytest.mark.parametrize("size,batch", [(128, 8), (224, 2)])
+@pytest.mark.parametrize("size,batch", [(128, 4), (224, 2)])
 def test_bigger_inputs_where_activations_decide_what_fits(tmp_path, size, batch):
     """At 128x128 and 224x224 the profiler, the planner and the runtime work here, and a board with
     60 % of a full update's training memory gets a smaller plan (activations, not the base, decide).
