@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from dsparse_cli.planning.objective import DEFAULT_OBJECTIVE, plan_for_time, resolve_objective
 from dsparse_cli.planning.planfile import DEFAULT_HEADROOM, budget_bytes, build_plan, load_plan, write_plan
 from dsparse_cli.planning.planner import CostTable, Device, PlanResult, depth_order, plan_devices
 from dsparse_cli.planning.profile import Profile, check_args, get_profile, launcher_bytes, peak_bytes, training_bytes
@@ -25,7 +26,7 @@ def plan_cluster(*, cluster: str, boards: Sequence[tuple[str, Mapping]], state_d
                  optimizer: str = "sgd-momentum", dtype: str = "float32", headroom: float = DEFAULT_HEADROOM,
                  sync_every: int = 1, importance: str = "depth", allow_frozen: bool = False,
                  exclude_small: bool = False, refresh_profile: bool = False, launcher: str = "dsparse",
-                 objective: str = "memory") -> dict:
+                 objective: str = DEFAULT_OBJECTIVE) -> dict:
     """Profile (cached), rank units, plan every board, and return the plan document (not written;
     call `write_plan(state_dir / "plan.json", doc)`).
 
@@ -35,13 +36,12 @@ def plan_cluster(*, cluster: str, boards: Sequence[tuple[str, Mapping]], state_d
     ("dsparse" or "torchrun"); its memory is in every budget. `objective`: see `objective.py`;
     facts' `link_bytes_per_s` are the boards' link rates."""
     from dsparse_cli.planning.importance import importance_order
-    from dsparse_cli.planning.objective import check_objective, plan_for_time
 
     check_plan_options(model=model, num_classes=num_classes, image_size=image_size, batch_size=batch_size,
                        optimizer=optimizer, dtype=dtype, headroom=headroom, sync_every=sync_every,
                        importance=importance)
     link_of = {name: facts.get("link_bytes_per_s") for name, facts in boards}
-    check_objective(objective, list(link_of.values()), list(link_of))
+    objective = resolve_objective(objective, list(link_of.values()), list(link_of))
     prof = get_profile(state_dir, model, num_classes=num_classes, image_size=image_size,
                        batch_size=batch_size, dtype=dtype, optimizer=optimizer, refresh=refresh_profile,
                        launcher=launcher)

@@ -18,7 +18,7 @@ PROBE_FRESH_S = 24 * 3600
 def make_plan(inv: Inventory, *, model: str = "mobilenet_v2", batch_size: int = 64, image_size: int = 32,
               num_classes: int = 10, optimizer: str = "sgd-momentum", headroom: float = 0.15,
               sync_every: int = 1, importance: str = "depth", allow_frozen: bool = False,
-              exclude_small: bool = False, objective: str = "memory", quiet: bool = False) -> dict:
+              exclude_small: bool = False, objective: str = "auto", quiet: bool = False) -> dict:
     """Profile (cached), plan, write .dsparse/plan.json; return the plan document. `plan_cluster`
     checks every option before anything is measured."""
     from dsparse_cli.planning import plan_cluster, write_plan

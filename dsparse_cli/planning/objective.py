@@ -1,5 +1,6 @@
 """`dsparse plan --objective`: which units each board trains, within the same memory budgets.
 
+* `auto` (the default): `time` when every board's link rate is known, else `memory`.
 * `memory` (the DSparse paper's rule, `planner.py`): every board trains as much as fits.
 * `time`: the least predicted aggregation time per step (`wire.py`), which needs every board's
   link rate. With `--allow-frozen` (fine-tuning from weights) the start is every board training
@@ -24,18 +25,24 @@ from dsparse_cli.planning.planner import CostModel, PlanResult
 from dsparse_cli.planning.schedule import build_groups
 from dsparse_cli.planning.wire import step_seconds
 
-OBJECTIVES = ("memory", "time")
+OBJECTIVES = ("auto", "memory", "time")
+DEFAULT_OBJECTIVE = "auto"   # time where every link is known (never slower in bench/, 0.80x on mixed links)
 MIN_GAIN = 0.05   # below this the model's error (latency, compute) is larger than the gain
 KEEP_TRAINERS = 0.5   # each unit keeps at least this share of the boards that trained it at the start
 
 
-def check_objective(objective: str, rates: Sequence[float | None], names: Sequence[str]) -> None:
+def resolve_objective(objective: str, rates: Sequence[float | None], names: Sequence[str]) -> str:
+    """`memory` or `time`; `auto` is time when every board's link rate is known (the time plan needs
+    them), else memory."""
     if objective not in OBJECTIVES:
-        raise ConfigError(f"unknown objective {objective!r}", f"choose {' or '.join(OBJECTIVES)}")
+        raise ConfigError(f"unknown objective {objective!r}", f"choose {', '.join(OBJECTIVES)}")
     missing = [n for n, r in zip(names, rates) if r is None]
     if objective == "time" and missing:
         raise ConfigError(f"--objective time needs every board's link rate; board {missing[0]} has none",
                           "add `link: 100mbit` (its real rate) to the board or to defaults in cluster.yaml")
+    if objective == "auto":
+        return "memory" if missing else "time"
+    return objective
 
 
 def plan_for_time(result: PlanResult, cost: CostModel, rates: Sequence[float], param_bytes: Sequence[int],

@@ -31,11 +31,12 @@ def budget_bytes(usable_memory_bytes: int, headroom: float = DEFAULT_HEADROOM) -
     return int(usable_memory_bytes * (1 - headroom))
 
 
-def build_plan(*, cluster: str, profile: Profile, result: PlanResult, sync_every: int = 1,
+def build_plan(*, cluster: str, profile: Profile, result: PlanResult, objective: str, sync_every: int = 1,
                probe: Mapping[str, Mapping] | None = None, importance: str = "depth",
                headroom: float = DEFAULT_HEADROOM, allow_frozen: bool = False, launcher: str = "dsparse",
-               objective: str = "memory", rates: Sequence[float | None] | None = None) -> dict:
-    """The plan document (see docs/internals.md) from a profile and the planner's result.
+               rates: Sequence[float | None] | None = None) -> dict:
+    """The plan document (see docs/internals.md) from a profile and the planner's result, made for
+    `objective` (memory or time, as resolved by `plan_cluster`).
     `rates[rank]`: each planned board's link (bytes/s, None unknown), for roots and the wire model."""
     rates = list(rates) if rates else [None] * len(result.devices)
     groups = build_groups([d.units for d in result.devices], [u.param_bytes for u in profile.units],

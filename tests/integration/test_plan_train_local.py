@@ -76,6 +76,17 @@ def test_plan_json_contract_and_determinism(planned):
         assert g["op"] in ("allreduce", "broadcast") and g["root"] in g["ranks"] and g["bytes_per_step"] >= 0
 
 
+def test_the_default_objective_is_time_once_every_link_is_known(planned, tmp_path):
+    d = fresh_copy(planned, tmp_path)
+    assert json.loads((d / ".dsparse" / "plan.json").read_text())["objective"] == "memory"   # no links given
+    (d / "cluster.yaml").write_text(CLUSTER.format(port=free_port()).replace(
+        "boards:", "defaults: {link: 100mbit}\nboards:"))
+    proc = run_cli(*PLAN, "--json", cwd=d)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["objective"] == "time" and [dev["link_bytes_per_s"] for dev in doc["devices"]] == [12.5e6] * 2
+
+
 def test_plan_verify_through_cli(planned, tmp_path):
     d = fresh_copy(planned, tmp_path)
     proc = run_cli(*PLAN, "--verify", "--json", cwd=d)

@@ -40,7 +40,7 @@ def make_doc(**kw) -> dict:
     budgets = {"jetson": prof.base_bytes + 10_000, "pi-a": prof.base_bytes + 1_200, "pi-b": prof.base_bytes + 1_200}
     res = plan_devices([Device(n, budgets[n]) for n in BOARDS], prof)
     probe = {n: {"usable_memory_bytes": budgets[n] * 2, "torch": "2.3.0", "cuda": n == "jetson"} for n in BOARDS}
-    return build_plan(cluster="lab", profile=prof, result=res, sync_every=2, probe=probe, **kw)
+    return build_plan(cluster="lab", profile=prof, result=res, objective="memory", sync_every=2, probe=probe, **kw)
 
 
 def test_document_follows_the_contract():
@@ -120,7 +120,7 @@ def test_inventory_mismatch(tmp_path):
 def test_excluded_boards_still_count_as_planned_for(tmp_path):
     prof = hand_profile()
     res = plan_devices([Device("big", prof.base_bytes + 10_000), Device("tiny", 10)], prof, exclude_small=True)
-    path = write_plan(tmp_path / "plan.json", build_plan(cluster="c", profile=prof, result=res))
+    path = write_plan(tmp_path / "plan.json", build_plan(cluster="c", profile=prof, result=res, objective="memory"))
     doc = load_plan(path, ["big", "tiny"])
     assert [d["name"] for d in doc["devices"]] == ["big"]
     assert doc["excluded"][0]["name"] == "tiny" and doc["excluded"][0]["needed_bytes"] > 10

@@ -106,13 +106,14 @@ def test_the_plan_defaults_have_one_value():
     from dsparse_cli.cli.app import app
     from dsparse_cli.planning import build_plan, plan_cluster
     from dsparse_cli.planning.make import make_plan
-    from dsparse_cli.planning.objective import OBJECTIVES
+    from dsparse_cli.planning.objective import DEFAULT_OBJECTIVE
     from dsparse_cli.planning.planfile import DEFAULT_HEADROOM
 
     shown = {p.name: p.default for p in typer.main.get_command(app).commands["plan"].params}
     assert shown["headroom"] == DEFAULT_HEADROOM
-    for fn in (make_plan, plan_cluster, build_plan):
-        assert inspect.signature(fn).parameters["objective"].default == shown["objective"] == OBJECTIVES[0], fn
+    for fn in (make_plan, plan_cluster):
+        assert inspect.signature(fn).parameters["objective"].default == shown["objective"] == DEFAULT_OBJECTIVE, fn
+    assert inspect.signature(build_plan).parameters["objective"].default is inspect.Parameter.empty  # resolved
 
 
 def test_docs_faults_has_a_row_for_every_fault_the_suite_makes():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dsparse_cli.errors import ConfigError
-from dsparse_cli.planning.objective import check_objective, plan_for_time
+from dsparse_cli.planning.objective import plan_for_time, resolve_objective
 from dsparse_cli.planning.planner import CostTable, Device, plan_devices
 from dsparse_cli.planning.schedule import build_groups
 from dsparse_cli.planning.wire import ddp_seconds, loads, step_seconds
@@ -84,13 +84,15 @@ def test_fine_tuning_trains_what_every_board_holds_and_broadcasts_nothing():
     assert [g["op"] for g in groups] == ["allreduce"]
 
 
-def test_objective_errors_are_one_line():
+def test_objective_errors_are_one_line_and_auto_is_time_only_with_every_link():
     with pytest.raises(ConfigError, match="unknown objective 'speed'"):
-        check_objective("speed", [1.0], ["a"])
+        resolve_objective("speed", [1.0], ["a"])
     with pytest.raises(ConfigError, match="board b has none") as err:
-        check_objective("time", [1.0, None], ["a", "b"])
+        resolve_objective("time", [1.0, None], ["a", "b"])
     assert "link: 100mbit" in err.value.hint
-    check_objective("memory", [None], ["a"])   # memory needs no rates
+    assert resolve_objective("memory", [None], ["a"]) == "memory"   # memory needs no rates
+    assert resolve_objective("auto", [1.0, 2.0], ["a", "b"]) == "time"
+    assert resolve_objective("auto", [1.0, None], ["a", "b"]) == "memory"
 
 
 def test_the_simulation_counts_powersgd_as_torch_compresses():
