@@ -64,11 +64,16 @@ def time_chart(plt, doc: dict, path: Path) -> None:
 
 
 def accuracy_chart(plt, doc: dict, path: Path) -> None:
+    """Accuracy at each epoch's end over the training seconds so far; the target as a line."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for m in doc["methods"]:
-        ax.scatter(m["wall_s"], 100 * (m["final_accuracy"] or 0), label=m["name"])
-    ax.set_xlabel("wall-clock s (the whole command)")
-    ax.set_ylabel("final accuracy (%)")
+        h = [x for x in m.get("history") or [] if x.get("train_s") is not None and x.get("accuracy") is not None]
+        if h:
+            ax.plot([x["train_s"] for x in h], [100 * x["accuracy"] for x in h], marker="o", ms=3, label=m["name"])
+    if doc.get("target_accuracy") is not None:
+        ax.axhline(100 * doc["target_accuracy"], color="grey", ls="--", lw=0.8, label="target")
+    ax.set_xlabel("training s (evaluation and start-up excluded)")
+    ax.set_ylabel("test accuracy (%)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

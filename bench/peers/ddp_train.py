@@ -7,8 +7,9 @@ Model, data and schedule are dsparse's own (`build_model`, `load_dataset`, `batc
 `dsparse train` only in how gradients are aggregated. Gloo, one torch thread per process.
 
 Per rank it measures the step time (forward, backward with DDP's overlapped all-reduce,
-optimizer step), the bytes put on the link per step, peak RSS, and at the end the accuracy
-on the digits test split (each rank scores a slice, counts all-reduced, as the worker does).
+optimizer step), the bytes put on the link per step, peak RSS, and at each epoch's end and the
+last step the accuracy on the digits test split (each rank scores a slice, counts all-reduced,
+as the worker does), with the training seconds so far.
 Bytes: DDP's buckets go through a ring all-reduce, 2(n-1)/n x the gradient bytes per rank.
 With --powersgd the tensors the hook actually all-reduces are counted (vanilla buckets before
 start_powerSGD_iter, then P, Q and the uncompressed 1-D tensors), under the same ring model.
@@ -145,7 +146,8 @@ def train(args) -> dict:
     opt = make_optimizer("sgd-momentum", list(ddp.parameters()), args.lr, args.momentum)
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
-    times, last_payload = [], 0
+    times, last_payload, history = [], 0, []
+    spe = datamod.dataset_steps_per_epoch(ds, world, args.batch_size)
     model.train()
     for step, (x, y) in enumerate(batches(ds, rank, world, args)):
         t0 = time.perf_counter()
@@ -157,7 +159,11 @@ def train(args) -> dict:
         opt.step()
         times.append(time.perf_counter() - t0)
         last_payload = counter.total - before
-    accuracy = evaluate(model, ds, rank, world, args.batch_size)
+        if (step + 1) % spe == 0 or step + 1 == args.steps:   # where the worker evaluates: each epoch's end
+            history.append({"epoch": step // spe + 1, "global_step": step + 1, "train_s": round(sum(times), 3),
+                            "accuracy": evaluate(model, ds, rank, world, args.batch_size)})
+            model.train()
+    accuracy = history[-1]["accuracy"]
     payload = counter.total / len(times) if args.powersgd else grad_bytes
     last = last_payload if args.powersgd else grad_bytes
     return {"rank": rank, "world": world, "steps": len(times),
@@ -167,7 +173,7 @@ def train(args) -> dict:
             "last_step_bytes_sent": ring_bytes(last, world) if world > 1 else 0.0,  # PowerSGD past its warm-up
             "buffer_bytes_per_step": buffer_bytes if rank == 0 and world > 1 else 0,
             "peak_process_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "accuracy": accuracy, "threads": torch.get_num_threads(), "weights": loaded}
+            "accuracy": accuracy, "history": history, "threads": torch.get_num_threads(), "weights": loaded}
 
 
 def main(argv=None) -> int:

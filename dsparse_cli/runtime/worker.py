@@ -223,7 +223,8 @@ class Trainer:
             self.accuracy = self.evaluate()
             self.meter.sample()
             self.log(f"epoch {self.epoch + 1} accuracy {self.accuracy:.4f}")
-        self.history.append({"epoch": self.epoch + 1, "global_step": self.global_step, "accuracy": self.accuracy})
+        self.history.append({"epoch": self.epoch + 1, "global_step": self.global_step, "accuracy": self.accuracy,
+                             "train_s": round(self.train_time, 3)})   # accuracy over training time (bench/)
         if self.step_in_epoch >= self.spe:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self.save()

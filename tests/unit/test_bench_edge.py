@@ -72,3 +72,18 @@ def test_every_method_starts_from_the_pretrained_weights(smoke):
         assert all("pretrained.pt (head re-initialised for 10 classes)" in b["weights"] for b in by[name]["boards"])
     logs = [p.read_text() for p in (work / ".dsparse" / "boards").glob("*/runs/*/worker.log*")]
     assert len(logs) == 2 * 4 and all("pretrained.pt (head re-initialised for 10 classes)" in t for t in logs)
+
+
+def test_accuracy_over_training_time_and_time_to_the_target(smoke):
+    doc, out, _ = smoke
+    by = {m["name"]: m for m in doc["methods"]}
+    assert doc["target_accuracy"] == pytest.approx(by["ddp"]["final_accuracy"] - 0.01)
+    for m in doc["methods"]:
+        h = m["history"]   # 4 steps are less than an epoch: one evaluation, at the last step
+        assert [x["global_step"] for x in h] == [4], m["name"]
+        assert h[-1]["accuracy"] == pytest.approx(m["final_accuracy"]), m["name"]
+        assert 0 < h[-1]["train_s"] <= max(b["train_s"] for b in m["boards"]) + 1e-3, m["name"]
+        reached = m["final_accuracy"] >= doc["target_accuracy"]
+        assert m["time_to_target_s"] == (h[-1]["train_s"] if reached else None), m["name"]
+    assert by["ddp"]["time_to_target_s"] is not None
+    assert "training s to target" in out.with_suffix(".md").read_text()
