@@ -28,7 +28,8 @@ The peers run on 127.0.0.1 with `torchrun --nproc-per-node N`.
 
 Figures per method and board: step_ms (training time / steps: forward, backward, aggregation,
 optimizer step; evaluation and start-up excluded), agg_ms_per_step (dsparse only: the time
-aggregation held the step up; DDP overlaps its all-reduce with the backward and is not split
+aggregation held the step up, its mean, and the median and p90 of the steps' own figures
+(each the largest over the boards); DDP overlaps its all-reduce with the backward and is not split
 here), bytes_sent_per_step (each board's link, ring all-reduce model 2(n-1)/n x payload for
 all-reduces, as dsparse's aggregator counts its own), peak_process_bytes (peak RSS of the
 training process; torchrun's agent and dsparse's launcher not included), peak_training_bytes
@@ -237,7 +238,8 @@ def run_dsparse(args, work: Path, cluster: Path, method: str, epochs: int) -> di
     summary = json_of(res, f"dsparse train ({method})")
     docs = board_summaries(work, summary)
     boards = [{"name": d["name"], "step_ms": 1000 * d["train_s"] / max(1, d["steps"]), "step_ms_median": None,
-               "agg_ms_per_step": d.get("agg_ms_per_step"), "bytes_sent_per_step": d.get("bytes_sent_per_step"),
+               "agg_ms_per_step": d.get("agg_ms_per_step"), "agg_ms_median": d.get("agg_ms_median"),
+               "agg_ms_p90": d.get("agg_ms_p90"), "bytes_sent_per_step": d.get("bytes_sent_per_step"),
                "updated_units": d.get("updated_units"), "peak_process_bytes": d.get("peak_process_bytes"),
                "peak_training_bytes": d.get("peak_memory_bytes"), "steps": d["steps"], "train_s": d["train_s"]}
               for d in docs]
@@ -280,6 +282,7 @@ def method_row(method: str, boards: list[dict], accuracy, wall: float, history: 
         vals = [b[key] for b in boards if b.get(key) is not None]
         return max(vals) if vals else None
     return {"name": method, "step_ms": most("step_ms"), "agg_ms_per_step": most("agg_ms_per_step"),
+            "agg_ms_median": most("agg_ms_median"), "agg_ms_p90": most("agg_ms_p90"),
             "max_bytes_sent_per_step": most("bytes_sent_per_step"),
             "total_bytes_sent_per_step": sum(b["bytes_sent_per_step"] or 0.0 for b in boards),
             "peak_process_bytes": most("peak_process_bytes"), "peak_training_bytes": most("peak_training_bytes"),
@@ -347,13 +350,14 @@ def markdown(doc: dict) -> str:
     start = f", fine-tuned from digits 0-4 ({c['pretrain_steps']} steps)" if c.get("finetune") else ""
     head = (f"{c['model']} {c['image_size']}x{c['image_size']} on digits{start}, {c['boards']} {where}, "
             f"batch {c['batch_size']}, {c['steps']} steps, seed {c['seed']}, lr {c['lr']:g}\n\n")
-    cols = ["method", "step ms", "agg ms/step", "sent/step (busiest board)", "link floor ms/step",
-            "sent/step (all boards)", "peak RSS", "final accuracy", "training s to target", "wall s"]
+    cols = ["method", "step ms", "agg ms/step", "agg ms median / p90", "sent/step (busiest board)",
+            "link floor ms/step", "sent/step (all boards)", "peak RSS", "final accuracy", "training s to target", "wall s"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     rates = [parse_rate(x) for x in c["link"].split(",") if x.strip()]   # dealt to b0 (rank 0), b1, ...
     for r in doc["methods"]:   # the link that needs longest for what its board sends
         floor = max(1000 * (b["bytes_sent_per_step"] or 0) / rates[i % len(rates)] for i, b in enumerate(r["boards"]))
-        cells = [r["name"], _fmt(r["step_ms"], "{:.1f}"), _fmt(r["agg_ms_per_step"], "{:.1f}"),
+        spread = f"{_fmt(r.get('agg_ms_median'), '{:.0f}')} / {_fmt(r.get('agg_ms_p90'), '{:.0f}')}"
+        cells = [r["name"], _fmt(r["step_ms"], "{:.1f}"), _fmt(r["agg_ms_per_step"], "{:.1f}"), spread,
                  _size(r["max_bytes_sent_per_step"]), f"{floor:.0f}", _size(r["total_bytes_sent_per_step"]),
                  _size(r["peak_process_bytes"]), _fmt(r["final_accuracy"], "{:.2%}"),
                  _reached(r), _fmt(r["wall_s"], "{:.0f}")]

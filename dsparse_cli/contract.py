@@ -362,6 +362,8 @@ class HeartbeatDoc:
     global_step: int | None = None
     total_steps: int | None = None
     threads: int | None = None          # torch's intra-op threads (cluster.yaml `threads:` or effective CPUs)
+    agg_ms_median: float | None = None  # over this attempt's steps, each step's own agg_ms
+    agg_ms_p90: float | None = None
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -376,6 +378,6 @@ class HeartbeatDoc:
 
 
 # Beyond the original contract: whole-process peak, steps done over all epochs and the run's total,
-# torch's threads.
-HEARTBEAT_EXTRA_KEYS = ("peak_process_bytes", "global_step", "total_steps", "threads")
+# torch's threads, the spread of the aggregation time.
+HEARTBEAT_EXTRA_KEYS = ("peak_process_bytes", "global_step", "total_steps", "threads", "agg_ms_median", "agg_ms_p90")
 HEARTBEAT_KEYS = tuple(f.name for f in fields(HeartbeatDoc) if f.name not in HEARTBEAT_EXTRA_KEYS + ("extra",))

@@ -41,6 +41,7 @@ backward until they are averaged plus, when overlapped, the time spent in the ho
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -237,6 +238,8 @@ class GroupedAggregator:
             self.overlap = OverlappedReduce(self.my_groups("allreduce"), model, bucket_bytes or BUCKET_BYTES)
         self.totals = Counters()
         self.steps = 0
+        self.step_agg_ms: list[float] = []   # each step's own, for the median and p90
+        self._step_start_ms = 0.0
 
     # --- set-up ----------------------------------------------------------------------------
     def _make_groups(self, plan: dict, model: nn.Module, units: dict[int, UnitSpec],
@@ -266,6 +269,7 @@ class GroupedAggregator:
     # --- the three points in a step --------------------------------------------------------
     def before_forward(self) -> None:
         """Buffers of jointly updated units from their group root (DDP broadcast_buffers)."""
+        self._step_start_ms = self.totals.ms
         for g in self.my_groups("allreduce"):
             if g.buffers:
                 self._broadcast(g, g.buffers)
@@ -286,6 +290,7 @@ class GroupedAggregator:
         due = [g for g in self.my_groups("broadcast") if (step + 1) % g.sync_every == 0]
         for g in due:
             self._sync_group(g)
+        self.step_agg_ms.append(self.totals.ms - self._step_start_ms)
         return bool(due)
 
     def sync_weights(self) -> None:
@@ -364,7 +369,10 @@ class GroupedAggregator:
         the time aggregation held the step up (see the module's docstring)."""
         n = max(self.steps, 1)
         t, snap = self.totals, self.compressor.stats.snapshot()
-        return {"agg_ms_per_step": t.ms / n, "bytes_sent_per_step": t.sent / n, "bytes_recv_per_step": t.recv / n,
+        cuts = (statistics.quantiles(self.step_agg_ms, n=10, method="inclusive") if len(self.step_agg_ms) > 1
+                else [None] * 9)
+        return {"agg_ms_per_step": t.ms / n, "agg_ms_median": cuts[4], "agg_ms_p90": cuts[8],
+                "bytes_sent_per_step": t.sent / n, "bytes_recv_per_step": t.recv / n,
                 "bytes_per_step": t.sent / n, "dense_bytes_per_step": t.dense / n,
                 "compression_ratio": snap.ratio, "compress_ms_per_step": snap.compress_ms / n}
 

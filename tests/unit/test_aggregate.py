@@ -100,6 +100,7 @@ def test_byte_accounting_follows_the_documented_model(nested):
         ring3 * p[3] + ring2 * p[2] + buf2 + state[2] + state[0] + state[1])
     for r in res:
         assert r["bytes_per_step"] == r["bytes_sent_per_step"] and r["agg_ms_per_step"] > 0
+        assert 0 < r["agg_ms_median"] <= r["agg_ms_p90"]   # the spread over each step's own figure
 
 
 def _builtin_average(rank, world, tmp):

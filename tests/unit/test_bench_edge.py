@@ -59,6 +59,7 @@ def test_dsparse_reports_aggregation_time_and_results_are_written(smoke):
     for m in doc["methods"]:
         if m["name"].startswith("dsparse"):
             assert m["agg_ms_per_step"] >= 0 and m["peak_process_bytes"] > 0
+            assert 0 <= m["agg_ms_median"] <= m["agg_ms_p90"]
     assert json.loads(out.read_text())["methods"] == doc["methods"]
     table = out.with_suffix(".md").read_text()
     assert all(f"| {name} |" in table for name in METHODS)
