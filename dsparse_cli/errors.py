@@ -34,9 +34,7 @@ class DsparseError(Exception):
 
 
 class ConfigError(DsparseError):
-    """Bad cluster.yaml, bad option value, bad plan file."""
-
-    exit_code = EXIT_USAGE
+    """Bad cluster.yaml, bad option value, bad plan file (exit 2, as every DsparseError by default)."""
 
 
 class RemoteError(DsparseError):

@@ -225,8 +225,7 @@ _KEYS = {  # section -> key -> rule (a rule returns the value to use, or raises 
     "defaults": {**_REACH, "known_hosts": _text},
     "master": {"addr": _text, "port": _port},
     "board": {"name": _board_name, "host": _text, **_REACH, "kind": _kind, "memory_limit": parse_size,
-              "training_memory": parse_size,
-              "iface": _text, "local": _flag},
+              "training_memory": parse_size, "iface": _text, "local": _flag},
 }
 
 

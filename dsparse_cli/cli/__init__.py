@@ -28,11 +28,8 @@ def main() -> None:
     except NoArgsIsHelpError as exc:  # plain `dsparse`: the help
         exc.show()
         sys.exit(exc.exit_code)
-    except UsageError as exc:
-        _report(_usage_line(exc), False)
-        sys.exit(exc.exit_code)
     except ClickException as exc:
-        _report(exc.format_message(), False)
+        _report(_usage_line(exc) if isinstance(exc, UsageError) else exc.format_message(), False)
         sys.exit(exc.exit_code)
     except Interrupted as exc:
         _report(exc.one_line(), options.verbose)

@@ -111,12 +111,9 @@ def _show(prepared, results) -> None:
     planned = _planned(prepared)
     for r in results:
         rank, files, data_dir = planned[r.name]
-        if r.ok:
-            p = r.value
-            table.add_row(r.name, str(rank), str(files), str(p.sent), str(p.skipped), format_size(p.bytes_sent),
-                          data_dir)
-        else:
-            table.add_row(r.name, str(rank), str(files), "failed", "-", "-", data_dir)
+        p = r.value
+        cells = (str(p.sent), str(p.skipped), format_size(p.bytes_sent)) if r.ok else ("failed", "-", "-")
+        table.add_row(r.name, str(rank), str(files), *cells, data_dir)
     show(table)
     for line in render.error_lines((r.name, r.error) for r in results if not r.ok):
         show(line)

@@ -159,12 +159,8 @@ def remote_files(transport, data_dir: str) -> dict:
                       timeout=LIST_TIMEOUT)
     if r.rc != 0:
         raise RemoteError(f"cannot list {data_dir} on {transport.target.name}: {_last_line(r)}")
-    files = {}
-    for line in r.stdout.splitlines():
-        size, _, path = line.partition("\t")
-        if size.isdigit() and path:
-            files[path] = int(size)
-    return files
+    lines = (line.partition("\t") for line in r.stdout.splitlines())
+    return {path: int(size) for size, _, path in lines if size.isdigit() and path}
 
 
 def _chunks(paths: list, sizes: dict, limit: int) -> list:

@@ -24,6 +24,7 @@ from dsparse_cli.jobs import preflight, records, shipping, workload
 from dsparse_cli.jobs.records import BoardRun, JobRecord
 from dsparse_cli.remote import connect, fan_out
 from dsparse_cli.remote.base import Transport
+from dsparse_cli.remote.shell import under_home
 from dsparse_cli.runtime.cpus import THREADS_ENV, process_cpus
 
 
@@ -153,18 +154,15 @@ def worker_env(target: Target, inv: Inventory, pkg_dir: str, probed_iface: str |
     probe found toward the master (so gloo/NCCL never pick a wrong interface on multi-homed boards)."""
     from dsparse_cli.planning.profile import MALLOC_ENV
 
-    iface = target.iface or probed_iface
+    iface = target.iface or probed_iface or ("lo" if target.local else None)
     # The plan's memory figures were measured with glibc returning freed memory at once; the
     # worker runs the same way so its footprint is the one planned (it costs some speed).
     env = {"PYTHONPATH": pkg_dir, "PYTHONUNBUFFERED": "1", "TORCH_CPP_LOG_LEVEL": "ERROR", **MALLOC_ENV}
     threads = worker_threads(target, inv)
     if threads:
         env[THREADS_ENV] = str(threads)
-    if target.local:
-        iface = iface or "lo"
     if iface:
-        env["GLOO_SOCKET_IFNAME"] = iface
-        env["NCCL_SOCKET_IFNAME"] = iface
+        env["GLOO_SOCKET_IFNAME"] = env["NCCL_SOCKET_IFNAME"] = iface
     return env
 
 
@@ -183,23 +181,15 @@ def new_record(inv: Inventory, plan: Plan, job_id: str, hash_of_plan: str) -> Jo
                      inv.master_addr, inv.master_port, boards)
 
 
-def absolute_workdir(workdir: str, home: str) -> str:
-    """Paths go into quoted shell commands, where `~` would not expand: resolve it once here."""
-    if workdir == "~" or workdir.startswith("~/"):
-        return home.rstrip("/") + workdir[1:]
-    return workdir
-
-
 def _stage_board(transport: Transport, target: Target, run: BoardRun, plan: dict, job: dict,
                  staging: Path, files: list[tuple[Path, str]]) -> str:
     """Write plan.json and job.json, and the job's own files (model file, weights), into the
     board's run dir; ship the runtime to SSH boards. Returns the PYTHONPATH the worker needs there."""
     local_dir = staging / run.name
     local_dir.mkdir(parents=True, exist_ok=True)
-    (local_dir / "plan.json").write_text(json.dumps(plan, indent=1, sort_keys=True))
-    (local_dir / "job.json").write_text(json.dumps(job, indent=1, sort_keys=True))
-    transport.put(str(local_dir / "plan.json"), f"{run.run_dir}/plan.json")
-    transport.put(str(local_dir / "job.json"), f"{run.run_dir}/job.json")
+    for name, doc in (("plan.json", plan), ("job.json", job)):
+        (local_dir / name).write_text(json.dumps(doc, indent=1, sort_keys=True))
+        transport.put(str(local_dir / name), f"{run.run_dir}/{name}")
     for local_file, name in files:
         transport.put(str(local_file), f"{run.run_dir}/{name}")
     if target.local:
@@ -292,10 +282,10 @@ def start_job(inv: Inventory, doc: dict, opts: JobSpec, *, connect_timeout: floa
                 return transport, None
             if not target.local:
                 warn_torch_changed(run.name, found, plan)
-                run.run_dir = absolute_workdir(run.run_dir, found["home"])
+                run.run_dir = under_home(run.run_dir, found["home"])
             job = replace(work.spec, id=rec.id, workdir=run.run_dir, resume=resume_of is not None).to_dict()
             data_dir = workload.board_data_dir(target, work.spec)
-            job["data_dir"] = absolute_workdir(data_dir, found["home"]) if data_dir and not target.local else data_dir
+            job["data_dir"] = under_home(data_dir, found["home"]) if data_dir and not target.local else data_dir
             if not target.local and opts.dataset == "digits" and not opts.data_dir:
                 # shipped with the runtime, so boards need no scikit-learn
                 job["data_dir"] = run.workdir + "/data"

@@ -16,7 +16,6 @@ from dsparse_cli.remote import connect
 from dsparse_cli.remote.base import Transport
 
 
-
 def model_dir(state_dir: Path, job_id: str) -> Path:
     return records.jobs_dir(state_dir) / job_id
 

@@ -16,9 +16,8 @@ from dsparse_cli.planning.profile import Profile, check_args, get_profile, launc
 from dsparse_cli.planning.schedule import build_groups
 
 __all__ = ["CostTable", "Device", "PlanResult", "Profile", "budget_bytes", "build_groups", "build_plan",
-           "check_plan_options",
-           "depth_order", "get_profile", "load_plan", "peak_bytes", "plan_cluster", "plan_devices",
-           "training_bytes", "write_plan"]
+           "check_plan_options", "depth_order", "get_profile", "load_plan", "peak_bytes", "plan_cluster",
+           "plan_devices", "training_bytes", "write_plan"]
 
 
 def plan_cluster(*, cluster: str, boards: Sequence[tuple[str, Mapping]], state_dir: str | Path,

@@ -273,20 +273,16 @@ def measure_profile(model_name: str, *, num_classes: int = 10, image_size: int =
 
     cfgs = {UPDATED: full, PASSTHROUGH: passthrough}
     att = {m: cfgs[m]["attribution"] for m in cfgs}
-    costs = []
-    for u in units:
-        v = u.index
-        costs.append(UnitCost(
-            index=v, name=u.name, modules=list(u.modules),
-            param_bytes=_tensor_bytes(unit_params(model, u)), buffer_bytes=_tensor_bytes(unit_buffers(model, u)),
-            grad_bytes=grad_bytes[v], optimizer_bytes=opt_bytes[v], input_bytes=att[UPDATED][3][v],
-            saved={m: att[m][0][v] for m in cfgs}, saves_input={m: att[m][1][v] for m in cfgs},
-            saves_output={m: att[m][2][v] for m in cfgs},
-            forward_peak={m: c["peaks"].get(("fwd", v), 0) for m, c in
-                          {**cfgs, FROZEN: frozen}.items()},
-            backward_peak={m: c["peaks"].get(("bwd", v), 0) for m, c in cfgs.items()},
-            first_step_bytes=first["shares"][v],
-        ))
+    costs = [UnitCost(
+        index=v, name=u.name, modules=list(u.modules),
+        param_bytes=_tensor_bytes(unit_params(model, u)), buffer_bytes=_tensor_bytes(unit_buffers(model, u)),
+        grad_bytes=grad_bytes[v], optimizer_bytes=opt_bytes[v], input_bytes=att[UPDATED][3][v],
+        saved={m: att[m][0][v] for m in cfgs}, saves_input={m: att[m][1][v] for m in cfgs},
+        saves_output={m: att[m][2][v] for m in cfgs},
+        forward_peak={m: c["peaks"].get(("fwd", v), 0) for m, c in {**cfgs, FROZEN: frozen}.items()},
+        backward_peak={m: c["peaks"].get(("bwd", v), 0) for m, c in cfgs.items()},
+        first_step_bytes=first["shares"][v],
+    ) for v, u in enumerate(units)]
     prof = Profile(
         key=profile_key(model_name, num_classes, image_size, batch_size, dtype, optimizer),
         model=model_name, num_classes=num_classes, image_size=image_size, batch_size=batch_size, dtype=dtype,

@@ -36,6 +36,13 @@ def sh_path(path: str) -> str:
     return shlex.quote(path)
 
 
+def under_home(path: str, home: str) -> str:
+    """`path` with a leading ``~`` resolved against ``home``: SFTP and quoted commands do not expand it."""
+    if path == "~" or path.startswith("~/"):
+        return (home.rstrip("/") + path[1:]) or "/"
+    return path
+
+
 def sh_wrap(cmd: str, timeout: float | None = None) -> str:
     """What to hand sshd so that ``cmd`` runs under /bin/sh whatever the login shell is,
     killed (with its process group) by the board's own ``timeout`` when it has one."""

@@ -22,7 +22,7 @@ from dsparse_cli.remote.base import (
     OP_TIMEOUT, TIMEOUT_RC, Detached, LineSplitter, RunResult, Transport, timeout_note,
 )
 from dsparse_cli.remote.client import close_quietly, open_client
-from dsparse_cli.remote.shell import detached_script, put_script, sh_wrap
+from dsparse_cli.remote.shell import detached_script, put_script, sh_wrap, under_home
 
 if TYPE_CHECKING:
     from dsparse_cli.inventory import Target
@@ -74,8 +74,7 @@ class SSHTransport(Transport):
         finally:
             chan.close()
         if rc == -1:  # exit-signal instead of exit-status
-            note = "\n[dsparse] remote command died without an exit status\n"
-            return RunResult(255, out, err + note)
+            return RunResult(255, out, err + "\n[dsparse] remote command died without an exit status\n")
         if rc in (TIMEOUT_RC, 137) and time.monotonic() - started >= timeout:
             return RunResult(TIMEOUT_RC, out, err + timeout_note(timeout))
         return RunResult(rc, out, err)
@@ -134,11 +133,7 @@ class SSHTransport(Transport):
     def _rpath(self, path: str) -> str:
         """SFTP does not expand ``~``: resolve it against the login directory."""
         self._sftp_client()
-        if path == "~":
-            return self._home
-        if path.startswith("~/"):
-            return self._home.rstrip("/") + path[1:]
-        return path
+        return under_home(path, self._home)
 
     def _mkdir_p(self, directory: str) -> None:
         sftp = self._sftp_client()
@@ -211,8 +206,7 @@ class SSHTransport(Transport):
                                      python=self.target.python), timeout=OP_TIMEOUT)
         pid = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
         if r.rc != 0 or not pid.isdigit():
-            detail = (r.stderr.strip() or r.stdout.strip() or f"exit status {r.rc}")
-            detail = detail.splitlines()[-1]
+            detail = (r.stderr.strip() or r.stdout.strip() or f"exit status {r.rc}").splitlines()[-1]
             raise RemoteError(f"{self.target.name}: cannot start {cmd!r}: {detail}")
         return Detached(pid=int(pid), pgid=int(pid))
 

@@ -62,11 +62,8 @@ def digits_path(data_dir: str | None, *more_dirs: str | None) -> str:
 
 def read_digits(path: str) -> tuple[Tensor, Tensor]:
     """-> (images float32 N×8×8 in 0..16, labels int64 N)."""
-    rows = []
     with gzip.open(path, "rt", newline="") as fh:
-        for row in csv.reader(fh):
-            if row:
-                rows.append([float(v) for v in row])
+        rows = [[float(v) for v in row] for row in csv.reader(fh) if row]
     if not rows or any(len(r) != 65 for r in rows):
         raise DataError(f"dataset digits: {path} is not the 65-column digits table")
     t = torch.tensor(rows, dtype=torch.float32)
@@ -192,9 +189,7 @@ def batch_indices(n_train: int, rank: int, world: int, epoch: int, seed: int, ba
 
 def dataset_steps_per_epoch(ds: Dataset, world: int, batch_size: int) -> int:
     """`steps_per_epoch` of a loaded dataset: for a sharded one from the whole folder's count."""
-    if ds.sharded:
-        return ds.shard_size // batch_size
-    return steps_per_epoch(ds.train.size, world, batch_size)
+    return ds.shard_size // batch_size if ds.sharded else steps_per_epoch(ds.train.size, world, batch_size)
 
 
 def local_batch_indices(ds: Dataset, world: int, epoch: int, seed: int, batch_size: int) -> list[Tensor]:
@@ -215,10 +210,8 @@ def local_batch_indices(ds: Dataset, world: int, epoch: int, seed: int, batch_si
 def batches_for(ds: Dataset, rank: int, world: int, epoch: int, seed: int, batch_size: int,
                 start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
     """This rank's batches for `epoch`, from batch `start` on (resume skips what was done)."""
-    if ds.sharded:
-        batches = local_batch_indices(ds, world, epoch, seed, batch_size)
-    else:
-        batches = batch_indices(ds.train.size, rank, world, epoch, seed, batch_size)
+    batches = (local_batch_indices(ds, world, epoch, seed, batch_size) if ds.sharded
+               else batch_indices(ds.train.size, rank, world, epoch, seed, batch_size))
     for idx in batches[start:]:
         yield ds.train.fetch(idx)
 
@@ -231,6 +224,4 @@ def eval_indices(n_test: int, rank: int, world: int) -> Tensor:
 def eval_slice(ds: Dataset, rank: int, world: int) -> Tensor:
     """This rank's test samples: all of a sharded dataset's (its shard is its slice), else
     `eval_indices`."""
-    if ds.sharded:
-        return torch.arange(ds.test.size)
-    return eval_indices(ds.test.size, rank, world)
+    return torch.arange(ds.test.size) if ds.sharded else eval_indices(ds.test.size, rank, world)

@@ -45,9 +45,7 @@ def _status_kib(*fields: str) -> list[int | None]:
 
 def current_rss() -> int:
     kib, = _status_kib("VmRSS")
-    if kib is not None:
-        return kib * 1024
-    return peak_rss()  # best we have without /proc
+    return kib * 1024 if kib is not None else peak_rss()  # best we have without /proc
 
 
 def private_rss() -> int:

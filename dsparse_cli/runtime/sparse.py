@@ -15,7 +15,6 @@ from dsparse_cli.contract import OPTIMIZERS
 from dsparse_cli.runtime.models import UnitSpec, unit_modules, unit_params
 
 
-
 def apply_plan(model: nn.Module, units: list[UnitSpec], updated: Iterable[int]) -> list[nn.Parameter]:
     """Set `requires_grad` per unit; return the trainable parameters in model order."""
     updated = set(updated)

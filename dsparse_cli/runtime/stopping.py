@@ -50,11 +50,8 @@ class SignalWatch:
         os.set_blocking(w, False)
         signal.set_wakeup_fd(w)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handler)
+            signal.signal(sig, lambda signum, _frame: self._request(signum))
         threading.Thread(target=self._watch, args=(r,), daemon=True, name="stop-watchdog").start()
-
-    def _handler(self, signum, frame) -> None:
-        self._request(signum)
 
     def _request(self, signum: int) -> None:
         self.stop.reason = f"stopped by {signal.Signals(signum).name}"

@@ -111,12 +111,11 @@ def run(plan: dict, rank: int, device: str = "cpu", warmup: int = WARMUP_STEPS) 
     if meter.device.type == "cuda":
         torch.cuda.synchronize()
     step_peak = max(peak_rss(), current_rss())
-    out = {"name": dev["name"], "rank": rank, "device": device, "units": dev["units"],
-           "rss_before_bytes": rss_before, "measured_peak_bytes": meter.peak_process_bytes(),
-           "measured_step_bytes": step_peak - rss_before, "measured_base_bytes": meter.base_process_bytes,
-           "host": platform.node(), "threads": threads, "cgroup": _memory_cgroup(),
-           "measured_training_bytes": meter.peak_training_bytes()}
-    return out
+    return {"name": dev["name"], "rank": rank, "device": device, "units": dev["units"],
+            "rss_before_bytes": rss_before, "measured_peak_bytes": meter.peak_process_bytes(),
+            "measured_step_bytes": step_peak - rss_before, "measured_base_bytes": meter.base_process_bytes,
+            "host": platform.node(), "threads": threads, "cgroup": _memory_cgroup(),
+            "measured_training_bytes": meter.peak_training_bytes()}
 
 
 def _memory_cgroup() -> str | None:

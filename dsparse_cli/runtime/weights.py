@@ -30,7 +30,6 @@ from dsparse_cli.runtime.model_out import MODEL_FORMAT
 from dsparse_cli.runtime.models import UnitSpec, is_torchvision_model
 
 
-
 class WeightsError(Exception):
     """Weights that cannot be found, read or loaded into the model; one line."""
 

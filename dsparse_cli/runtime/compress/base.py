@@ -111,9 +111,10 @@ class Option:
                          f"{self.hi:g}{rb}, got {value!r}")
 
 
-def _sync(device: torch.device) -> None:
+def _now(device: torch.device) -> float:
     if device.type == "cuda":  # timings must include the kernels, not just their launch
         torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 class Compressor:
@@ -229,17 +230,13 @@ class Compressor:
         if world <= 1:
             return bucket.detach().reshape(-1).float().clone()
         dev = bucket.device
-        _sync(dev)
-        t0 = time.perf_counter()
+        t0 = _now(dev)
         payload, _ = self.compress(bucket, key)
-        _sync(dev)
-        t1 = time.perf_counter()
+        t1 = _now(dev)
         out, wire = self._exchange(payload, group)
-        _sync(dev)
-        t2 = time.perf_counter()
+        t2 = _now(dev)
         out = self._finish(out, payload, world)
-        _sync(dev)
-        t3 = time.perf_counter()
+        t3 = _now(dev)
         self.stats.record(key, dense=bucket.numel() * 4, sent=payload.nbytes, wire=wire,
                           ms=1000 * ((t1 - t0) + (t3 - t2)))
         return out

@@ -40,8 +40,7 @@ def pack(meta: list[int], fields: list[Tensor], device: torch.device) -> Tensor:
 
 def unpack(buf: Tensor) -> tuple[list[int], list[Tensor]]:
     """-> (meta, fields as uint8 tensors)."""
-    counts = from_bytes(buf[:8], torch.int32).tolist()
-    n_meta, n_fields = counts
+    n_meta, n_fields = from_bytes(buf[:8], torch.int32).tolist()
     head_len = 4 * (2 + n_meta + n_fields)
     head = from_bytes(buf[:head_len], torch.int32).tolist()
     meta, sizes = head[2:2 + n_meta], head[2 + n_meta:]

@@ -14,9 +14,7 @@ from torch import Tensor
 
 
 def group_size(group=None) -> int:
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(group)
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
 def allgather_varlen(t: Tensor, group=None) -> tuple[list[Tensor], int]:

@@ -133,9 +133,7 @@ class PBGCCompressor(Compressor):
         if not warm or pred is None or st.step % o["refit_every"] == 0:
             measured = self.sampled_quantiles(sample)
             reg.observe(measured, s, st.step)
-        if warm and pred is not None:
-            return pred.tolist(), True
-        return measured.tolist(), False
+        return (pred.tolist(), True) if warm and pred is not None else (measured.tolist(), False)
 
     # --- steps 2-4 ---------------------------------------------------------------------------
     def encode(self, a: Tensor, key: str) -> tuple[Payload, Tensor]:

@@ -33,7 +33,6 @@ class Sampler:
         idx = torch.randint(n, (s,), generator=self._gens[dev], device=x.device)
         return x[idx]
 
-
     def state_dict(self) -> dict:
         return {dev: g.get_state() for dev, g in self._gens.items()}
 

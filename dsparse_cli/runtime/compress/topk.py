@@ -21,8 +21,6 @@ from dsparse_cli.runtime.compress.base import Compressor, Option, Payload
 from dsparse_cli.runtime.compress.select import Sampler, cap, passing, top_value
 
 SLACK = 1.25
-
-
 DEFAULTS = COMPRESSOR_OPTIONS["topk"]
 
 
@@ -48,9 +46,7 @@ class TopKCompressor(Compressor):
     def density_at(self, step: int) -> float:
         d, w = self.opts["density"], self.opts["warmup_steps"]
         d0 = max(self.opts["warmup_density"], d)
-        if step >= w:
-            return d
-        return max(d, d0 * (d / d0) ** (step / w))
+        return d if step >= w else max(d, d0 * (d / d0) ** (step / w))
 
     def encode(self, a: Tensor, key: str) -> tuple[Payload, Tensor]:
         step = self._steps.get(key, 0)
