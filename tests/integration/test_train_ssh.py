@@ -314,7 +314,7 @@ def test_status_logs_stop_after_cluster_yaml_changed_from_elsewhere(cluster, tmp
     before = _latest(c)
     proc = run_cli(*TRAIN, "--epochs", "5", "--detach", cwd=c.dir, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    job = _running_job(c, before and before["id"], min_step=1)
+    job = _running_job(c, before and before["id"], min_step=10)   # the worker logs every 10 steps
     broken = f"  - {{name: extra, host: 127.0.0.1, identity_file: {c.dir / 'no-such-key'}}}\n"
     changed = c.yaml(ports={"b2": free_port()}).replace("name: b1\n", "name: b1-renamed\n") + broken
     (c.dir / "cluster.yaml").write_text(changed)
