@@ -4,8 +4,9 @@
 
 Writes STEM-memory.png (whole-process peak per board and method, and dsparse's training memory),
 STEM-time.png (step time of the slowest board per method, with the part dsparse measured as
-aggregation) and STEM-accuracy.png (final accuracy against the command's wall-clock time), STEM
-being the results file's name (edge, edge-paper7).
+aggregation) and STEM-accuracy.png (accuracy at each epoch's end over the training seconds so far,
+with the target as a line; empty for results written before `history` existed), STEM being the
+results file's name (edge, edge-paper7, edge-uniform7).
 """
 
 from __future__ import annotations

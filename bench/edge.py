@@ -300,8 +300,9 @@ def target_accuracy(args, rows: list[dict]) -> float | None:
 
 def time_to(target: float | None, history: list[dict]) -> float | None:
     """Training seconds until the first evaluation at or above `target`; None if never."""
-    return next((h["train_s"] for h in history if target is not None and h["accuracy"] is not None
-                 and h["train_s"] is not None and h["accuracy"] >= target), None)
+    if target is None:
+        return None
+    return next((h["train_s"] for h in history if h["train_s"] is not None and (h["accuracy"] or 0) >= target), None)
 
 
 def run_all(args, work: Path, testbed: Path | None = None) -> tuple[list[dict], list[dict], dict]:
