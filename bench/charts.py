@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/charts.py [bench/results/edge.json] [--out docs/bench]
 
-Writes STEM-memory.png (whole-process peak per board and method, and dsparse's training memory),
-STEM-time.png (step time of the slowest board per method, with the part dsparse measured as
-aggregation) and STEM-accuracy.png (accuracy at each epoch's end over the training seconds so far,
+Writes STEM-memory.png (whole-process peak and training memory per board and method),
+STEM-time.png (step time of the slowest board per method, with the part measured as aggregation:
+DDP's exposed part for the peers) and STEM-accuracy.png (accuracy at each epoch's end over the training seconds so far,
 with the target as a line; empty for results written before `history` existed), STEM being the
 results file's name (edge, edge-paper7, edge-uniform7).
 """
@@ -35,7 +35,7 @@ def memory_chart(plt, doc: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / len(methods)
     for k, key, ax, title in ((0, "peak_process_bytes", axes[0], "whole-process peak (MiB)"),
-                              (1, "peak_training_bytes", axes[1], "training memory (MiB; dsparse only)")):
+                              (1, "peak_training_bytes", axes[1], "training memory (MiB)")):
         for i, m in enumerate(methods):
             vals = [(b.get(key) or 0) / MiB for b in m["boards"]]
             ax.bar([j + i * width for j in range(len(vals))], vals, width, label=m["name"])
@@ -54,7 +54,7 @@ def time_chart(plt, doc: dict, path: Path) -> None:
     names = [m["name"] for m in methods]
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.bar(names, [m["step_ms"] for m in methods], label="step (slowest board)", color="#9bb7d4")
-    ax.bar(names, [m["agg_ms_per_step"] or 0 for m in methods], width=0.4, label="of it aggregation (dsparse)",
+    ax.bar(names, [m["agg_ms_per_step"] or 0 for m in methods], width=0.4, label="of it aggregation (DDP: exposed)",
            color="#d48c5b")
     ax.set_ylabel("ms per step")
     ax.legend(fontsize=8)

@@ -27,13 +27,16 @@ slack exceeds that range and every board trains everything.
 The peers run on 127.0.0.1 with `torchrun --nproc-per-node N`.
 
 Figures per method and board: step_ms (training time / steps: forward, backward, aggregation,
-optimizer step; evaluation and start-up excluded), agg_ms_per_step (dsparse only: the time
+optimizer step; evaluation and start-up excluded), agg_ms_per_step (dsparse: the time
 aggregation held the step up, its mean, and the median and p90 of the steps' own figures
-(each the largest over the boards); DDP overlaps its all-reduce with the backward and is not split
-here), bytes_sent_per_step (each board's link, ring all-reduce model 2(n-1)/n x payload for
+(each the largest over the boards); DDP overlaps its all-reduce with the backward, so for the
+peers it is the exposed part: the step less the same step timed without the all-reduce),
+the link floor (the longest any board's link needs for what that board sends per step, at its
+rate) and agg_ms_per_step's ratio to it, bytes_sent_per_step (each board's link, ring all-reduce model 2(n-1)/n x payload for
 all-reduces, as dsparse's aggregator counts its own), peak_process_bytes (peak RSS of the
 training process; torchrun's agent and dsparse's launcher not included), peak_training_bytes
-(dsparse: the worker's private memory above its base point before the first step), final accuracy on the digits test
+(the private memory above the point right before the first step, the worker's meter on both
+sides; the DDP peer runs with glibc's allocator defaults, the worker with `MALLOC_ENV`), final accuracy on the digits test
 split, the accuracy at each epoch's end over the training seconds so far (`history`; both sides evaluate
 there) and from it the training seconds to a target accuracy, and wall_s (the whole command, start-up included).
 
@@ -168,12 +171,19 @@ def run_peer(args, work: Path, method: str, cluster: Path | None) -> dict:
 
 def peer_row(method: str, ranks: list[dict], wall: float) -> dict:
     boards = [{"name": f"rank{r['rank']}", "step_ms": r["step_ms"], "step_ms_median": r["step_ms_median"],
-               "agg_ms_per_step": None, "bytes_sent_per_step": r["bytes_sent_per_step"],
+               "agg_ms_per_step": exposed_agg_ms(r), "bytes_sent_per_step": r["bytes_sent_per_step"],
                "last_step_bytes_sent": r["last_step_bytes_sent"], "buffer_bytes_per_step": r["buffer_bytes_per_step"],
                "gradient_bytes": r["gradient_bytes"], "peak_process_bytes": r["peak_process_bytes"],
-               "peak_training_bytes": None, "steps": r["steps"], "train_s": r["train_s"],
+               "peak_training_bytes": r.get("peak_training_bytes"), "steps": r["steps"], "train_s": r["train_s"],
                "weights": r.get("weights")} for r in ranks]
     return method_row(method, boards, ranks[0]["accuracy"], wall, ranks[0].get("history"))
+
+
+def exposed_agg_ms(rank: dict) -> float | None:
+    """What DDP's overlapped all-reduce adds to a step: its step less the same step without the
+    all-reduce (the peer's `compute_ms_median`); None from a peer that did not time it."""
+    compute = rank.get("compute_ms_median")
+    return None if compute is None else max(0.0, rank["step_ms"] - compute)
 
 
 def _run(cmd: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
@@ -352,14 +362,16 @@ def markdown(doc: dict) -> str:
     head = (f"{c['model']} {c['image_size']}x{c['image_size']} on digits{start}, {c['boards']} {where}, "
             f"batch {c['batch_size']}, {c['steps']} steps, seed {c['seed']}, lr {c['lr']:g}\n\n")
     cols = ["method", "step ms", "agg ms/step", "agg ms median / p90", "sent/step (busiest board)",
-            "link floor ms/step", "sent/step (all boards)", "peak RSS", "final accuracy", "training s to target", "wall s"]
+            "link floor ms/step", "agg / floor", "sent/step (all boards)", "peak training", "peak RSS",
+            "final accuracy", "training s to target", "wall s"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     rates = [parse_rate(x) for x in c["link"].split(",") if x.strip()]   # dealt to b0 (rank 0), b1, ...
     for r in doc["methods"]:   # the link that needs longest for what its board sends
         floor = max(1000 * (b["bytes_sent_per_step"] or 0) / rates[i % len(rates)] for i, b in enumerate(r["boards"]))
         spread = f"{_fmt(r.get('agg_ms_median'), '{:.0f}')} / {_fmt(r.get('agg_ms_p90'), '{:.0f}')}"
         cells = [r["name"], _fmt(r["step_ms"], "{:.1f}"), _fmt(r["agg_ms_per_step"], "{:.1f}"), spread,
-                 _size(r["max_bytes_sent_per_step"]), f"{floor:.0f}", _size(r["total_bytes_sent_per_step"]),
+                 _size(r["max_bytes_sent_per_step"]), f"{floor:.0f}", _ratio(r["agg_ms_per_step"], floor),
+                 _size(r["total_bytes_sent_per_step"]), _size(r["peak_training_bytes"]),
                  _size(r["peak_process_bytes"]), _fmt(r["final_accuracy"], "{:.2%}"),
                  _reached(r), _fmt(r["wall_s"], "{:.0f}")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -368,6 +380,10 @@ def markdown(doc: dict) -> str:
     foot = (f"\ntarget accuracy {target:.2%} (DDP's final less one point unless --target-accuracy); training "
             "seconds exclude evaluation and start-up; - : not reached in the run\n") if target is not None else ""
     return head + "\n".join(lines) + "\n" + foot + "".join(fails)
+
+
+def _ratio(agg_ms: float | None, floor_ms: float) -> str:
+    return "-" if agg_ms is None or floor_ms <= 0 else f"{agg_ms / floor_ms:.2f}x"
 
 
 def _reached(row: dict) -> str:

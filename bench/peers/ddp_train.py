@@ -7,9 +7,13 @@ Model, data and schedule are dsparse's own (`build_model`, `load_dataset`, `batc
 `dsparse train` only in how gradients are aggregated. Gloo, one torch thread per process.
 
 Per rank it measures the step time (forward, backward with DDP's overlapped all-reduce,
-optimizer step), the bytes put on the link per step, peak RSS, and at each epoch's end and the
+optimizer step), the bytes put on the link per step, peak RSS and peak training memory (the
+worker's own meter, `runtime/memory.py`: private memory above the point right before the first
+step), and at each epoch's end and the
 last step the accuracy on the digits test split (each rank scores a slice, counts all-reduced,
-as the worker does), with the training seconds so far.
+as the worker does), with the training seconds so far. After training, a few steps under
+`no_sync()` (forward, backward without the all-reduce, optimizer step) time the compute alone, so
+the step's exposed aggregation (what the overlapped all-reduce adds) is step less compute.
 Bytes: DDP's buckets go through a ring all-reduce, 2(n-1)/n x the gradient bytes per rank.
 With --powersgd the tensors the hook actually all-reduces are counted (vanilla buckets before
 start_powerSGD_iter, then P, Q and the uncompressed 1-D tensors), under the same ring model.
@@ -23,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import threading
@@ -40,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from dsparse_cli.contract import JobSpec  # noqa: E402
 from dsparse_cli.runtime import data as datamod  # noqa: E402
 from dsparse_cli.runtime.job_setup import lr_at  # noqa: E402
+from dsparse_cli.runtime.memory import MemoryMeter  # noqa: E402
 from dsparse_cli.runtime.models import build_model, split_units  # noqa: E402
 from dsparse_cli.runtime.sparse import make_optimizer  # noqa: E402
 from dsparse_cli.runtime.weights import load_weights  # noqa: E402
@@ -149,6 +153,8 @@ def train(args) -> dict:
     times, last_payload, history = [], 0, []
     spe = datamod.dataset_steps_per_epoch(ds, world, args.batch_size)
     model.train()
+    meter = MemoryMeter(torch.device("cpu"))
+    meter.mark_base()
     for step, (x, y) in enumerate(batches(ds, rank, world, args)):
         t0 = time.perf_counter()
         for g in opt.param_groups:
@@ -158,12 +164,15 @@ def train(args) -> dict:
         F.cross_entropy(ddp(x), y).backward()  # returns once DDP's hooks' futures are done
         opt.step()
         times.append(time.perf_counter() - t0)
+        meter.sample()
         last_payload = counter.total - before
         if (step + 1) % spe == 0 or step + 1 == args.steps:   # where the worker evaluates: each epoch's end
             history.append({"epoch": step // spe + 1, "global_step": step + 1, "train_s": round(sum(times), 3),
                             "accuracy": evaluate(model, ds, rank, world, args.batch_size)})
             model.train()
     accuracy = history[-1]["accuracy"]
+    memory = meter.report()
+    compute = compute_seconds(ddp, opt, x, y)
     payload = counter.total / len(times) if args.powersgd else grad_bytes
     last = last_payload if args.powersgd else grad_bytes
     return {"rank": rank, "world": world, "steps": len(times),
@@ -172,8 +181,22 @@ def train(args) -> dict:
             "bytes_sent_per_step": ring_bytes(payload, world) if world > 1 else 0.0,
             "last_step_bytes_sent": ring_bytes(last, world) if world > 1 else 0.0,  # PowerSGD past its warm-up
             "buffer_bytes_per_step": buffer_bytes if rank == 0 and world > 1 else 0,
-            "peak_process_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_process_bytes": memory["peak_process_bytes"], "peak_training_bytes": memory["peak_memory_bytes"],
+            "compute_ms_median": 1000 * compute,
             "accuracy": accuracy, "history": history, "threads": torch.get_num_threads(), "weights": loaded}
+
+
+def compute_seconds(ddp: DDP, opt, x, y, steps: int = 3) -> float:
+    """Median seconds of a step without DDP's all-reduce (`no_sync`); after training, its weights spent."""
+    times = []
+    with ddp.no_sync():
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            F.cross_entropy(ddp(x), y).backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def main(argv=None) -> int:

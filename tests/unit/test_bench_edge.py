@@ -57,12 +57,17 @@ def test_ddp_bytes_are_the_ring_model_and_powersgd_sends_fewer(smoke):
 def test_dsparse_reports_aggregation_time_and_results_are_written(smoke):
     doc, out, _ = smoke
     for m in doc["methods"]:
+        assert m["agg_ms_per_step"] >= 0 and m["peak_process_bytes"] > 0, m["name"]
+        # every method's training memory by the same meter: private memory above the first step's start
+        assert all(0 < b["peak_training_bytes"] < b["peak_process_bytes"] for b in m["boards"]), m["name"]
         if m["name"].startswith("dsparse"):
-            assert m["agg_ms_per_step"] >= 0 and m["peak_process_bytes"] > 0
             assert 0 <= m["agg_ms_median"] <= m["agg_ms_p90"]
+        else:   # DDP's exposed aggregation: its step less the step without the all-reduce
+            assert all(b["agg_ms_per_step"] <= b["step_ms"] for b in m["boards"]), m["name"]
     assert json.loads(out.read_text())["methods"] == doc["methods"]
     table = out.with_suffix(".md").read_text()
     assert all(f"| {name} |" in table for name in METHODS)
+    assert "| agg / floor |" in table and "| peak training |" in table
 
 
 def test_every_method_starts_from_the_pretrained_weights(smoke):
