@@ -43,7 +43,12 @@ def check(spec: str) -> None:
     if kind == FILE:
         _check_file(location, factory)
     elif kind == MODULE:
-        _check_module(location)
+        try:
+            found = importlib.util.find_spec(location)
+        except Exception:  # noqa: BLE001 - a parent package that fails to import: the module is not usable
+            found = None
+        if found is None:
+            raise ValueError(f"model module {location} not found (is it installed for this Python?)")
 
 
 def _check_file(location: str, factory: str) -> None:
@@ -80,15 +85,6 @@ def top_level_names(tree: ast.Module) -> set[str]:
             body += node.body + node.orelse + getattr(node, "finalbody", [])
             body += [n for h in getattr(node, "handlers", []) for n in h.body]
     return names
-
-
-def _check_module(location: str) -> None:
-    try:
-        found = importlib.util.find_spec(location)
-    except Exception:  # noqa: BLE001 - a parent package that fails to import: the module is not usable
-        found = None
-    if found is None:
-        raise ValueError(f"model module {location} not found (is it installed for this Python?)")
 
 
 def file_digest(spec: str) -> str | None:

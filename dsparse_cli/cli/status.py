@@ -5,6 +5,7 @@ when cluster.yaml changed since. None of them imports torch."""
 
 from __future__ import annotations
 
+import shlex
 import time
 from typing import TYPE_CHECKING, Optional
 
@@ -65,9 +66,8 @@ def _job_plan(inv: Inventory, rec) -> dict:
 
     from dsparse_cli.contract import plan_hash
 
-    path = inv.state_dir / "plan.json"
     try:
-        plan = json.loads(path.read_text())
+        plan = json.loads((inv.state_dir / "plan.json").read_text())
         if plan_hash(plan) == rec.plan_hash:
             return plan
     except (OSError, ValueError):
@@ -98,10 +98,8 @@ def status(
     if as_json:
         print_json(doc)
     else:
-        if options.wide:   # soft wrap: the full table is not cropped at the terminal's edge
-            show(_table(doc, rec))
-        else:
-            console.print(_table(doc, rec))
+        print_table = show if options.wide else console.print   # show: soft wrap, the table is not cropped
+        print_table(_table(doc, rec))
         for b in doc["boards"]:
             if b["error"]:
                 err_console.print(f"[red]{b['name']}[/]: {escape(b['error'])}", highlight=False, soft_wrap=True)
@@ -211,22 +209,18 @@ def _run_of(rec, board: str):
 
 def _tail(target, run, lines: int) -> list[str]:
     """The last `lines` lines of the board's worker log."""
-    import shlex
-
     from dsparse_cli.errors import RemoteError
     from dsparse_cli.remote import connect
 
     with connect(target, connect_timeout=options.connect_timeout) as transport:
         result = transport.run(f"tail -n {int(lines)} {shlex.quote(run.log_path)}", timeout=30)
     if result.rc != 0:
-        raise RemoteError(f"cannot read {run.log_path}: {(result.stderr.strip().splitlines() or ['no output'])[-1]}")
+        raise RemoteError(f"cannot read {run.log_path}: {result.last_error('no output')}")
     return result.stdout.splitlines()
 
 
 def _follow_log(target, run, lines: int) -> None:
     """`tail -F` the board's worker log until Ctrl-C."""
-    import shlex
-
     from dsparse_cli.console import console
     from dsparse_cli.remote import connect
 

@@ -70,8 +70,7 @@ def _alive(text: str) -> bool | None:
 
 
 def read_state(transport: Transport, run: BoardRun, log_offset: int = 0, timeout: float = 20.0) -> BoardState:
-    result = transport.run(state_command(run, log_offset), timeout=timeout)
-    return parse_state(result.stdout)
+    return parse_state(transport.run(state_command(run, log_offset), timeout=timeout).stdout)
 
 
 def last_log_lines(transport: Transport, run: BoardRun, n: int = 12) -> list[str]:

@@ -68,11 +68,7 @@ class Prepared:
 
 @dataclass
 class BoardPush:
-    """One board's push: files of its shard, how many were sent or already there, bytes sent."""
-    board: str
-    rank: int
-    data_dir: str
-    files: int
+    """One board's push: how many files of its shard were sent or already there, bytes sent."""
     sent: int
     skipped: int
     bytes_sent: int
@@ -115,17 +111,16 @@ def push(prepared: Prepared, *, connect_timeout: float, accept_new_host_keys: bo
     from dsparse_cli.remote import connect, fan_out
 
     shards = {t.name: (s, d) for t, s, d in prepared.boards}
-    ranks = {t.name: s.rank for t, s, _ in prepared.boards}
 
     def one(target: Target) -> BoardPush:
         shard, data_dir = shards[target.name]
         files = len(shard.train) + len(shard.val)
         if target.local and os.path.realpath(os.path.expanduser(data_dir)) == os.path.realpath(prepared.root):
             # the folder itself: its worker shards it when it loads (a manifest here would be wrong for the others)
-            return BoardPush(target.name, ranks[target.name], data_dir, files, 0, files, 0)
+            return BoardPush(0, files, 0)
         with connect(target, connect_timeout=connect_timeout, accept_new_host_keys=accept_new_host_keys) as t:
             sent, sent_bytes = _push_board(t, prepared.root, shard, data_dir, on_progress)
-        return BoardPush(target.name, ranks[target.name], data_dir, files, sent, files - sent, sent_bytes)
+        return BoardPush(sent, files - sent, sent_bytes)
 
     return fan_out([t for t, _, _ in prepared.boards], one)
 
@@ -158,7 +153,7 @@ def remote_files(transport, data_dir: str) -> dict:
     r = transport.run(f"{sh_path(transport.target.python)} - {sh_path(data_dir)}", input=LIST_SCRIPT.encode(),
                       timeout=LIST_TIMEOUT)
     if r.rc != 0:
-        raise RemoteError(f"cannot list {data_dir} on {transport.target.name}: {_last_line(r)}")
+        raise RemoteError(f"cannot list {data_dir} on {transport.target.name}: {r.last_error()}")
     lines = (line.partition("\t") for line in r.stdout.splitlines())
     return {path: int(size) for size, _, path in lines if size.isdigit() and path}
 
@@ -188,10 +183,6 @@ def send_tar(transport, root: Path, paths: list, data_dir: str, tar_path: Path) 
     r = transport.run(f"{sh_path(transport.target.python)} - {sh_path(data_dir)} {sh_path(remote_tar)}",
                       input=EXTRACT_SCRIPT.encode(), timeout=EXTRACT_TIMEOUT)
     if r.rc != 0:
-        raise RemoteError(f"cannot unpack files into {data_dir} on {transport.target.name}: {_last_line(r)}")
+        raise RemoteError(f"cannot unpack files into {data_dir} on {transport.target.name}: {r.last_error()}")
     os.remove(tar_path)
-
-
-def _last_line(r) -> str:
-    return (r.stderr.strip().splitlines() or [f"exit status {r.rc}"])[-1]
 

@@ -103,11 +103,10 @@ class Follower:
         self.offsets[name] += len(state.new_log.encode())
         text = self.partial[name] + state.new_log
         *lines, self.partial[name] = text.split("\n")
-        self.tail[name].extend(line for line in lines if line.strip())
-        if self.show_logs:
-            for line in lines:
-                if line.strip():
-                    err_console.print(f"[cyan]{name}[/] | " + escape(line), highlight=False)
+        for line in filter(str.strip, lines):
+            self.tail[name].append(line)
+            if self.show_logs:
+                err_console.print(f"[cyan]{name}[/] | " + escape(line), highlight=False)
 
     def failure(self, rows: list[dict]) -> dict | None:
         """The board to blame, if any: one whose own error is not about a vanished peer, else a
@@ -156,24 +155,20 @@ class Follower:
                 if culprit["state"] == BoardStatus.UNREACHABLE:
                     lines = list(self.tail[culprit["name"]])
                 else:
-                    self._settle(culprit["name"])
                     lines = self._last_lines(culprit["name"])
                 return Outcome(JobState.FAILED, rows, culprit["name"], culprit["error"], lines)
             time.sleep(self.poll_s)
 
-    def _settle(self, name: str) -> None:
-        """Give the failed board's launcher a moment to notice its dead worker and log the cause
-        (exit code, signal): otherwise our stop would cut it short and leave nothing to show."""
+    def _last_lines(self, name: str) -> list[str]:
+        """The failed board's last log lines, once its launcher had a moment to notice its dead worker
+        and log the cause (exit code, signal): otherwise our stop would cut it short, leaving nothing to show."""
         run = next(r for r in self.rec.boards if r.name == name)
         deadline = time.monotonic() + SETTLE_S
         while time.monotonic() < deadline:
             state, _ = self._poll_one(run)
             if state is None or not state.alive or state.worker_stopped:   # a stopped worker logs nothing
-                return
+                break
             time.sleep(0.5)
-
-    def _last_lines(self, name: str) -> list[str]:
-        run = next(r for r in self.rec.boards if r.name == name)
         try:
             return last_log_lines(self.transports[name], run)
         except Exception as exc:

@@ -88,8 +88,7 @@ def check_board(transport: Transport, target: Target, *, rank: int, master: str,
                           "install python3 there or set `python:` for the board in cluster.yaml")
     found = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
     if result.rc != 0 or "missing" not in found:
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ConfigError(f"preflight check failed on board {target.name}: {last}")
+        raise ConfigError(f"preflight check failed on board {target.name}: {result.last_error('no output')}")
     check = BoardCheck(target.name, rank, found, cells={"python": "ok"})
     _packages(check, target)
     _gloo(check, gloo)

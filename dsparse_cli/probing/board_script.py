@@ -64,11 +64,6 @@ def mem_available(meminfo):
     return sum(meminfo.get(k, 0) for k in keys), True
 
 
-def _first_token(text):
-    parts = (text or "").split()
-    return parts[0] if parts else None
-
-
 def parse_cgroup_v2_max(text):
     """memory.max -> bytes, or None when "max" (unlimited) or unreadable."""
     return parse_int(text)   # "max" is no integer
@@ -84,9 +79,9 @@ def parse_cgroup_v1_limit(text):
 
 def parse_int(text):
     """A file holding one integer (memory.current, usage_in_bytes, disksize) -> int or None."""
-    token = _first_token(text)
+    parts = (text or "").split()
     try:
-        return int(token) if token is not None else None
+        return int(parts[0]) if parts else None
     except ValueError:
         return None
 
@@ -164,11 +159,9 @@ def parse_mountinfo_cgroup2(text):
 
 
 def cgroup_dir(mount_root, mountpoint, cg_path):
-    """Directory of cgroup `cg_path` given where its hierarchy is mounted.
-
-    Containers without a cgroup namespace mount only their own subtree (mount root
-    "/docker/<id>") while /proc/self/cgroup still shows the full path.
-    """
+    """Directory of cgroup `cg_path` given where its hierarchy is mounted. Containers without a
+    cgroup namespace mount only their own subtree (mount root "/docker/<id>") while
+    /proc/self/cgroup still shows the full path."""
     cg_path = cg_path or "/"
     if mount_root not in ("", "/"):
         if cg_path == mount_root or cg_path.startswith(mount_root.rstrip("/") + "/"):
@@ -311,9 +304,8 @@ def parse_ip_addr(text, address):
     """`ip -o addr` -> name of the interface that holds `address`, or None."""
     for line in (text or "").splitlines():
         parts = line.split()
-        if len(parts) >= 4 and parts[2] in ("inet", "inet6"):
-            if parts[3].split("/")[0] == address:
-                return parts[1].rstrip(":").split("@")[0]
+        if len(parts) >= 4 and parts[2] in ("inet", "inet6") and parts[3].split("/")[0] == address:
+            return parts[1].rstrip(":").split("@")[0]
     return None
 
 
@@ -336,9 +328,7 @@ def parse_if_inet6(text, address):
 
 def usable_memory(avail, cg_limit, cg_usage, inv_limit):
     """Smallest of MemAvailable, cgroup headroom and the inventory limit -> (bytes, source).
-
-    `cg_usage` should already exclude reclaimable page cache. Ties keep the earlier source.
-    """
+    `cg_usage` should already exclude reclaimable page cache. Ties keep the earlier source."""
     candidates = []
     if avail is not None:
         candidates.append((avail, "meminfo"))
@@ -412,11 +402,9 @@ def _memory_level(version, directory):
 
 def locate_cgroup(controller, self_cgroup, mountinfo, fs_root=""):
     """-> (version, [our cgroup directory, its parents..., the mount root]) or (None, []).
-
-    `self_cgroup`/`mountinfo`: texts of /proc/self/cgroup and /proc/self/mountinfo;
-    `fs_root` prefixes mount points (tests point it at a fixture tree).
-    A v1 hierarchy carrying the controller wins (hybrid hosts mount an empty cgroup2 too).
-    """
+    `self_cgroup`/`mountinfo`: texts of /proc/self/cgroup and /proc/self/mountinfo; `fs_root`
+    prefixes mount points (tests point it at a fixture tree). A v1 hierarchy carrying the
+    controller wins (hybrid hosts mount an empty cgroup2 too)."""
     own = parse_proc_self_cgroup(self_cgroup)
     version, mount, path = None, None, None
     if controller in own["v1"]:
@@ -424,9 +412,8 @@ def locate_cgroup(controller, self_cgroup, mountinfo, fs_root=""):
         version, path = 1, own["v1"][controller]
     if mount is None and own["v2"] is not None:
         mount = parse_mountinfo_cgroup2(mountinfo) or ("/", "/sys/fs/cgroup")
-        controllers = read_text(fs_root + mount[1] + "/cgroup.controllers", "").split()
         version, path = 2, own["v2"]
-        if controller not in controllers:
+        if controller not in read_text(fs_root + mount[1] + "/cgroup.controllers", "").split():
             return None, []
     if mount is None:
         return None, []
@@ -569,10 +556,8 @@ def _udp_source(address):
 
 
 def route_to(master, use_ip=True):
-    """-> (iface, source address, warning or None) toward `master`.
-
-    use_ip=False takes the path of a board without iproute2 (busybox images).
-    """
+    """-> (iface, source address, warning or None) toward `master`; use_ip=False takes the path
+    of a board without iproute2 (busybox images)."""
     address = resolve_master(master)
     if address is None:
         return None, None, "cannot resolve master address %r" % master
@@ -684,9 +669,8 @@ def collect(args):
             warnings.append("probe step failed: %s: %s" % (type(e).__name__, e))
 
     cg_limit, cg_used = info.pop("_cg", (None, None))
-    usable, source = usable_memory(info.get("mem_available_bytes"), cg_limit, cg_used,
-                                   args.memory_limit)
-    info["usable_memory_bytes"], info["usable_memory_source"] = usable, source
+    info["usable_memory_bytes"], info["usable_memory_source"] = usable_memory(
+        info.get("mem_available_bytes"), cg_limit, cg_used, args.memory_limit)
 
     iface, address, warning = route_to(args.master)
     info["master"], info["iface"], info["address"] = args.master, iface, address
@@ -701,12 +685,8 @@ def collect(args):
 
 
 def collect_torch_info(info, args, warnings):
-    torch = {}
-    if args.no_torch:
-        warning = None
-    else:
-        torch, warning = collect_torch(args.torch_timeout)
-        torch = torch or {}
+    torch, warning = (None, None) if args.no_torch else collect_torch(args.torch_timeout)
+    torch = torch or {}
     if warning:
         warnings.append(warning)
     # gloo None: not known (no torch, or its import timed out)

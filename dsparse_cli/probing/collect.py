@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,29 +30,22 @@ def probe_board(target: Target, master: str, *, connect_timeout: float, accept_n
     finally:
         transport.close()
     if result.rc in (126, 127):
-        raise RemoteError(
-            f"python {target.python!r} not found on board {target.name}",
-            "install python3 there or set `python:` for the board in cluster.yaml",
-        )
+        raise RemoteError(f"python {target.python!r} not found on board {target.name}",
+                          "install python3 there or set `python:` for the board in cluster.yaml")
     if result.rc != 0:
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1][:200]
-        raise RemoteError(f"probe script failed on board {target.name} (exit {result.rc}): {last}")
+        raise RemoteError(f"probe script failed on board {target.name} (exit {result.rc}): "
+                          f"{result.last_error('no output')[:200]}")
     return parse_probe_output(target.name, result.stdout)
 
 
 def _quote(argv: list[str]) -> str:
-    import shlex
-
     # A leading ~ must stay unquoted so the board's shell expands it.
     return " ".join(a if a.startswith("~/") and shlex.quote(a[2:]) == a[2:] else shlex.quote(a) for a in argv)
 
 
 def probe_all(inv: Inventory, *, connect_timeout: float, accept_new_host_keys: bool) -> list[DeviceInfo]:
-    results = fan_out(
-        inv.boards,
-        lambda t: probe_board(t, inv.master_addr, connect_timeout=connect_timeout,
-                              accept_new_host_keys=accept_new_host_keys),
-    )
+    results = fan_out(inv.boards, lambda t: probe_board(t, inv.master_addr, connect_timeout=connect_timeout,
+                                                        accept_new_host_keys=accept_new_host_keys))
     return [r.value if r.ok else DeviceInfo.failed(r.name, r.error) for r in results]
 
 
@@ -71,7 +65,10 @@ class ProbeCache:
 def write_cache(inv: Inventory, infos: list[DeviceInfo]) -> Path:
     """Save this probe. A board that failed it but answered before keeps that earlier result,
     marked stale with the new error, so one bad probe does not take a board out of the plan."""
-    previous = _read_boards(inv.state_dir / CACHE_NAME)
+    try:
+        previous = {b.name: b for b in _load(inv.state_dir / CACHE_NAME).boards}
+    except ConfigError:   # missing or unreadable: no earlier results to keep
+        previous = {}
     now = time.time()
     kept = []
     for info in infos:
@@ -89,14 +86,6 @@ def write_cache(inv: Inventory, infos: list[DeviceInfo]) -> Path:
     tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
     os.replace(tmp, path)
     return path
-
-
-def _read_boards(path: Path) -> dict[str, DeviceInfo]:
-    """The boards of a probe cache file by name; none when it is missing or unreadable."""
-    try:
-        return {b.name: b for b in _load(path).boards}
-    except ConfigError:
-        return {}
 
 
 def _load(path: Path) -> ProbeCache:

@@ -79,8 +79,12 @@ def measure_links(inv: Inventory, *, connect_timeout: float, accept_new_host_key
         for board in senders:
             with reach(board) as t:
                 result = _run(t, board, ["send", addr, port, nbytes, CONNECT_S])
-            if not result.ok:
-                _raise_failed(board.name, result, sink.name, sink_done.get("result"), f"{addr}:{port}")
+            if not result.ok:   # the sink's own failure (its port taken, say) explains a sender's: it comes first
+                if sink_done.get("result") is not None and not sink_done["result"].ok:
+                    board, result = sink, sink_done["result"]
+                raise RemoteError(f"link probe failed on board {board.name} ({addr}:{port}): "
+                                  f"{result.last_error('no output')[:200]}",
+                                  "check that every board reaches the master's address and that its port is free")
             rates[board.name] = float(result.stdout.strip().splitlines()[-1])
     finally:
         # after a failed sender the sink waits for connections that never come: do not wait with it
@@ -88,15 +92,6 @@ def measure_links(inv: Inventory, *, connect_timeout: float, accept_new_host_key
         sink_t.close()
     rates[sink.name] = max(rates.values())
     return {b.name: rates[b.name] for b in inv.boards}
-
-
-def _raise_failed(name: str, result, sink_name: str, sink_result, where: str) -> None:
-    """The sink's own failure (its port taken, say) explains a sender's, so it comes first."""
-    if sink_result is not None and not sink_result.ok:
-        name, result = sink_name, sink_result
-    last = (result.stderr.strip().splitlines() or ["no output"])[-1][:200]
-    raise RemoteError(f"link probe failed on board {name} ({where}): {last}",
-                      "check that every board reaches the master's address and that its port is free")
 
 
 def _run(transport, target: Target, args: list):

@@ -92,8 +92,7 @@ def _context_line(text: str) -> str:
 def _find_json_object(stdout: str) -> dict | None:
     """The script prints one JSON line; shell rc files may print banners before it."""
     text = (stdout or "").strip()
-    candidates = [text] + [ln.strip() for ln in reversed(text.splitlines())]
-    for cand in candidates:
+    for cand in [text] + [ln.strip() for ln in reversed(text.splitlines())]:
         if not cand.startswith("{"):
             continue
         try:
@@ -110,10 +109,8 @@ def parse_probe_output(name: str, stdout: str, stderr: str = "") -> DeviceInfo:
     data = _find_json_object(stdout)
     if data is None:
         context = _context_line(stdout) or _context_line(stderr) or "no output"
-        raise RemoteError(
-            f"{name}: probe printed no JSON object: {context}",
-            hint="check that the board's python (3.6+) runs: python3 - < board_script.py",
-        )
+        raise RemoteError(f"{name}: probe printed no JSON object: {context}",
+                          hint="check that the board's python (3.6+) runs: python3 - < board_script.py")
     data = {k: v for k, v in data.items() if k not in ("name", "ok", "error")}
     try:
         return DeviceInfo.from_dict({**data, "name": name}, where="probe output")

@@ -14,13 +14,15 @@ Conventions shared by both implementations:
 
 from __future__ import annotations
 
+import base64
+import os
 from abc import ABC, abstractmethod
 from shlex import quote as shlex_quote
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
 from dsparse_cli.errors import RemoteError
-from dsparse_cli.remote.shell import alive_check
+from dsparse_cli.remote.shell import alive_check, sh_path
 
 if TYPE_CHECKING:
     from dsparse_cli.inventory import Target
@@ -66,6 +68,10 @@ class RunResult:
     def timed_out(self) -> bool:
         return self.rc == TIMEOUT_RC
 
+    def last_error(self, default: str = "") -> str:
+        """The last line of stderr, for a one-line error; else `default` (else the exit status)."""
+        return (self.stderr.strip().splitlines() or [default or f"exit status {self.rc}"])[-1]
+
 
 @dataclass
 class Detached:
@@ -91,17 +97,11 @@ class Transport(ABC):
     def get(self, remote_path: str, local_path: str, *, timeout: float = 300) -> None:
         """Copy a file from the board (what SSH does when it has no SFTP): the board's python
         prints it base64-encoded; written beside `local_path`, then renamed."""
-        import base64
-        import os
-
-        from dsparse_cli.remote.shell import sh_path
-
         script = "import base64,sys; sys.stdout.write(base64.b64encode(open(sys.argv[1], 'rb').read()).decode())"
         r = self.run(f"{sh_path(self.target.python)} -c {shlex_quote(script)} {sh_path(remote_path)}",
                      timeout=timeout)
         if r.rc != 0:
-            detail = (r.stderr.strip().splitlines() or [f"exit status {r.rc}"])[-1]
-            raise RemoteError(f"cannot read {remote_path} on {self.target.name}: {detail}")
+            raise RemoteError(f"cannot read {remote_path} on {self.target.name}: {r.last_error()}")
         tmp = f"{local_path}.part"
         with open(tmp, "wb") as fh:
             fh.write(base64.b64decode(r.stdout))

@@ -194,9 +194,8 @@ class SSHTransport(Transport):
             data = fh.read()
         r = self.run(put_script(remote_path, stat.S_IMODE(os.stat(src).st_mode)), timeout=OP_TIMEOUT, input=data)
         if r.rc != 0:
-            detail = (r.stderr.strip().splitlines() or [f"exit status {r.rc}"])[-1]
             raise RemoteError(f"cannot write {remote_path} on {self.target.name}: no SFTP subsystem "
-                              f"({self._sftp_missing}) and copying over the shell failed: {detail}")
+                              f"({self._sftp_missing}) and copying over the shell failed: {r.last_error()}")
 
     # -- detached processes ---------------------------------------------------------------
     @_lost

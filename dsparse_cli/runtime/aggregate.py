@@ -233,9 +233,8 @@ class GroupedAggregator:
         self.groups = self._make_groups(plan, model, {u.index: u for u in units}, sync_every)
         # Compressors keep per-group residuals and topk/pbgc learn their payload size only by
         # compressing: they reduce each group as one bucket after backward (`_reduce`).
-        self.overlap = None
-        if self.compressor.name == "none":
-            self.overlap = OverlappedReduce(self.my_groups("allreduce"), model, bucket_bytes or BUCKET_BYTES)
+        self.overlap = (OverlappedReduce(self.my_groups("allreduce"), model, bucket_bytes or BUCKET_BYTES)
+                        if self.compressor.name == "none" else None)
         self.totals = Counters()
         self.steps = 0
         self.step_agg_ms: list[float] = []   # each step's own, for the median and p90

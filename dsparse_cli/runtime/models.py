@@ -63,9 +63,7 @@ class TinyCNN(nn.Module):
         super().__init__()
 
         def block(cin: int, cout: int, stride: int) -> nn.Sequential:
-            return nn.Sequential(
-                nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
-            )
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
 
         self.features = nn.Sequential(block(3, 8, 1), block(8, 16, 2), block(16, 32, 2))
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -125,20 +123,22 @@ def _user_module(spec: str, search_dirs: Sequence[str]):
     return module
 
 
-def _find_file(location: str, search_dirs: Sequence[str]) -> str:
-    candidates = [os.path.expanduser(location)]
-    candidates += [os.path.join(d, os.path.basename(location)) for d in search_dirs]
-    for path in candidates:
+def find_file(location: str, search_dirs: Sequence[str]) -> str | None:
+    """`location` as given, else its base name in the first of `search_dirs` holding it; None if neither."""
+    for path in [os.path.expanduser(location)] + [os.path.join(d, os.path.basename(location)) for d in search_dirs]:
         if os.path.isfile(path):
             return path
-    where = f" (nor {os.path.basename(location)} in {', '.join(search_dirs)})" if search_dirs else ""
-    raise ModelError(f"model file {location} not found{where}")
+    return None
 
 
 def _load_file(location: str, search_dirs: Sequence[str]):
     """Execute the user's file as a module of its own (registered in sys.modules while it runs,
     so dataclasses and pickling inside it work); executed anew at every build."""
-    path = os.path.abspath(_find_file(location, search_dirs))
+    path = find_file(location, search_dirs)
+    if path is None:
+        where = f" (nor {os.path.basename(location)} in {', '.join(search_dirs)})" if search_dirs else ""
+        raise ModelError(f"model file {location} not found{where}")
+    path = os.path.abspath(path)
     name = "dsparse_user_model_" + hashlib.sha256(path.encode()).hexdigest()[:12]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -218,10 +218,6 @@ def _has_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
 
-def _is_block(module: nn.Module) -> bool:
-    return any(True for _ in module.children())
-
-
 def generic_split(model: nn.Module, label: str = "the model") -> list[tuple[str, list[str]]]:
     """The generic rule (module docstring): parameterised children in order, a container of
     blocks opened one level."""
@@ -234,7 +230,7 @@ def generic_split(model: nn.Module, label: str = "the model") -> list[tuple[str,
         if not _has_params(child):
             continue
         inner = [(f"{name}.{sub}", c) for sub, c in child.named_children() if _has_params(c)]
-        if isinstance(child, _CONTAINERS) and any(_is_block(c) for _, c in inner):
+        if isinstance(child, _CONTAINERS) and any(list(c.children()) for _, c in inner):   # a block among them
             units += [(qual, [qual]) for qual, _ in inner]
         else:
             units.append((name, [name]))

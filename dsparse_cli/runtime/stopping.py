@@ -38,11 +38,10 @@ class StopControl:
 
 
 class SignalWatch:
-    """Turns SIGTERM/SIGINT into a stop request even while the main thread sits in a collective.
-
+    """Turns SIGTERM/SIGINT into a stop request even while the main thread sits in a collective:
     Python runs signal handlers only between bytecodes of the main thread, which a blocked
-    collective never reaches; the C-level handler still writes the signal number to the wakeup
-    fd, which a watchdog thread reads."""
+    collective never reaches, but the C-level handler still writes the signal number to the
+    wakeup fd, which a watchdog thread reads."""
 
     def __init__(self, stop: StopControl, grace_s: float, on_stuck):
         self.stop, self.grace_s, self.on_stuck = stop, grace_s, on_stuck

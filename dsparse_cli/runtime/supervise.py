@@ -52,14 +52,9 @@ def memory_cgroups(text: str | None = None) -> list[tuple[int, str]]:
                 text = fh.read()
         except OSError:
             return []
-    entries = [line.split(":", 2) for line in text.splitlines()]
-    found = []
-    for entry in entries:
-        if len(entry) == 3 and not entry[1]:
-            found.append((2, entry[2]))
-        elif len(entry) == 3 and "memory" in entry[1].split(","):
-            found.append((1, entry[2]))
-    return found
+    entries = [e for e in (line.split(":", 2) for line in text.splitlines()) if len(e) == 3]
+    # hierarchy-id:controllers:path; the unified hierarchy lists no controllers
+    return [(1 if e[1] else 2, e[2]) for e in entries if not e[1] or "memory" in e[1].split(",")]
 
 
 def oom_kills() -> int | None:

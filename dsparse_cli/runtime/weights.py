@@ -27,7 +27,7 @@ from torch import nn
 
 from dsparse_cli.modelspec import names_a_weights_file
 from dsparse_cli.runtime.model_out import MODEL_FORMAT
-from dsparse_cli.runtime.models import UnitSpec, is_torchvision_model
+from dsparse_cli.runtime.models import UnitSpec, find_file, is_torchvision_model
 
 
 class WeightsError(Exception):
@@ -37,7 +37,7 @@ class WeightsError(Exception):
 def load_weights(model: nn.Module, units: list[UnitSpec], source: str, *, spec: str,
                  search_dirs: Sequence[str] = ()) -> str:
     """Load `source` into `model` (see module doc) -> one line saying what was loaded."""
-    path = _find_file(source, search_dirs)
+    path = find_file(source, search_dirs)
     if path is not None:
         state, what = _read_file(path), f"weights file {os.path.basename(path)}"
     elif names_a_weights_file(source):
@@ -48,9 +48,7 @@ def load_weights(model: nn.Module, units: list[UnitSpec], source: str, *, spec: 
         state, what = _torchvision_state(spec, weights), f"weights {weights.name}"
     kept = _fit(model, units, state, spec)
     model.load_state_dict({k: v for k, v in state.items() if k not in kept}, strict=False)
-    if kept:
-        return f"{what} (head re-initialised for {model.state_dict()[kept[0]].shape[0]} classes)"
-    return what
+    return what + (f" (head re-initialised for {model.state_dict()[kept[0]].shape[0]} classes)" if kept else "")
 
 
 def check_weights_name(spec: str, name: str) -> None:
@@ -59,13 +57,6 @@ def check_weights_name(spec: str, name: str) -> None:
 
 
 # --- files -----------------------------------------------------------------------------------
-def _find_file(source: str, search_dirs: Sequence[str]) -> str | None:
-    for path in [os.path.expanduser(source)] + [os.path.join(d, os.path.basename(source)) for d in search_dirs]:
-        if os.path.isfile(path):
-            return path
-    return None
-
-
 def _read_file(path: str) -> dict:
     try:
         doc = torch.load(path, map_location="cpu", weights_only=True)

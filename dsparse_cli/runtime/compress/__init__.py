@@ -16,11 +16,9 @@ NAMES = tuple(CLASSES)
 
 
 def make_compressor(spec: dict | None) -> Compressor:
-    """{"name": "none"|"fp16"|"topk"|"pbgc", <options>} -> Compressor; None means none.
-
-    Raises ValueError with one line for an unknown name or a bad option."""
-    if spec is None:
-        spec = {"name": "none"}
+    """{"name": "none"|"fp16"|"topk"|"pbgc", <options>} -> Compressor; None means none. Raises
+    ValueError with one line for an unknown name or a bad option."""
+    spec = {"name": "none"} if spec is None else spec
     if not isinstance(spec, dict) or "name" not in spec:
         raise ValueError(f"compression spec must be a mapping with a 'name' "
                          f"({', '.join(NAMES)}), got {spec!r}")

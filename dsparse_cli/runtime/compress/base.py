@@ -224,36 +224,27 @@ class Compressor:
 
     # --- with torch.distributed ------------------------------------------------------------
     def reduce(self, bucket: Tensor, group, world: int, key: str) -> Tensor:
-        """Average `bucket` over `group` (of `world` ranks) with compression and error feedback.
-
-        A 1-rank group moves nothing, so nothing is compressed or counted."""
+        """Average `bucket` over `group` (of `world` ranks) with compression and error feedback;
+        a 1-rank group moves nothing, so nothing is compressed or counted."""
         if world <= 1:
             return bucket.detach().reshape(-1).float().clone()
         dev = bucket.device
         t0 = _now(dev)
         payload, _ = self.compress(bucket, key)
         t1 = _now(dev)
-        out, wire = self._exchange(payload, group)
+        parts, wire = self._exchange(payload, group)
         t2 = _now(dev)
-        out = self._finish(out, payload, world)
+        out = torch.zeros(payload.numel, dtype=torch.float32, device=payload.data.device)
+        for part in parts:  # a dense method's one all-reduced sum, else every rank's payload
+            self.accumulate_into(out, part)
+        out.mul_(1.0 / world)
         t3 = _now(dev)
         self.stats.record(key, dense=bucket.numel() * 4, sent=payload.nbytes, wire=wire,
                           ms=1000 * ((t1 - t0) + (t3 - t2)))
         return out
 
-    def _exchange(self, payload: Payload, group):
-        if self.dense:
-            buf = payload.data
-            dist.all_reduce(buf, group=group)
-            return buf, payload.nbytes
-        return allgather_varlen(payload.data, group)
-
-    def _finish(self, exchanged, payload: Payload, world: int) -> Tensor:
-        if self.dense:
-            out = self.decompress(Payload(exchanged, payload.numel))
-        else:
-            out = torch.zeros(payload.numel, dtype=torch.float32, device=payload.data.device)
-            for part in exchanged:
-                self.accumulate_into(out, part)
-        return out.mul_(1.0 / world)
-
+    def _exchange(self, payload: Payload, group) -> tuple[list[Tensor], int]:
+        if not self.dense:
+            return allgather_varlen(payload.data, group)
+        dist.all_reduce(payload.data, group=group)
+        return [payload.data], payload.nbytes

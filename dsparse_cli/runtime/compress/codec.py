@@ -71,10 +71,6 @@ def unpack_bits(b: Tensor, n: int) -> Tensor:
 SKIP = 65535  # a uint16 gap code that advances the position without emitting one
 
 
-def _gap16_len(gaps: Tensor) -> int:
-    return gaps.numel() + int((gaps // SKIP).sum()) if gaps.numel() else 0
-
-
 def _gap16(gaps: Tensor) -> Tensor:
     """Gaps -> uint16 codes (as bytes): gap g becomes g // SKIP skip codes, then g % SKIP."""
     skips = gaps // SKIP
@@ -87,7 +83,7 @@ def _gap16(gaps: Tensor) -> Tensor:
 def encode_indices(idx: Tensor, numel: int) -> tuple[int, Tensor]:
     """Sorted int64 positions -> (code, bytes), the smallest of the three encodings."""
     gaps = torch.diff(idx, prepend=idx.new_zeros(1))
-    sizes = {IDX_INT32: 4 * idx.numel(), IDX_GAP16: 2 * _gap16_len(gaps),
+    sizes = {IDX_INT32: 4 * idx.numel(), IDX_GAP16: 2 * (gaps.numel() + int((gaps // SKIP).sum())),
              IDX_BITMAP: (numel + 7) // 8}
     code = min(sizes, key=lambda c: (sizes[c], c))
     if code == IDX_GAP16:

@@ -18,11 +18,9 @@ def group_size(group=None) -> int:
 
 
 def allgather_varlen(t: Tensor, group=None) -> tuple[list[Tensor], int]:
-    """Gather a 1-D tensor of any length from every rank of `group`.
-
-    -> (one tensor per group rank, in group-rank order; bytes this rank put on the wire,
-    length exchange and padding included). A 1-rank group runs no collective.
-    """
+    """Gather a 1-D tensor of any length from every rank of `group` -> (one tensor per group rank,
+    in group-rank order; bytes this rank put on the wire, length exchange and padding included).
+    A 1-rank group runs no collective."""
     t = t.reshape(-1)
     n = group_size(group)
     if n == 1:

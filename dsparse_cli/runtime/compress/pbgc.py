@@ -170,7 +170,8 @@ class PBGCCompressor(Compressor):
         residual = a  # a is ours (see Compressor.encode): reuse it
         residual[idx_k] = 0
         residual[idx_s] -= torch.where(residual[idx_s] >= 0, scale, -scale)
-        self._tally(predicted, h, passed_k / n, kf, idx_s.numel() / n)
+        self._tally(predicted=predicted, entropy=h, key_frac=passed_k / n, key_target=kf,
+                    sparse_frac=idx_s.numel() / n)
         return payload, residual
 
     def _payload(self, a: Tensor, idx_k: Tensor, idx_s: Tensor, scale: float) -> Payload:
@@ -208,29 +209,19 @@ class PBGCCompressor(Compressor):
             self._keys[k].regressor.load_state_dict(st["regressor"])
 
     # --- reporting ---------------------------------------------------------------------------
-    def _tally(self, predicted: bool, h: float, key_frac: float, target: float,
-               sparse_frac: float) -> None:
-        t = self._totals
-        t["calls"] += 1
-        t["predicted"] += predicted
-        t["entropy"] += h
-        t["key_frac"] += key_frac
-        t["key_target"] += target
-        t["sparse_frac"] += sparse_frac
-
-    def predictor_mae(self) -> float | None:
-        """Mean out-of-sample error of the regressors, natural-log units (None: no data)."""
-        regs = [st.regressor for st in self._keys.values() if st.regressor.errors]
-        if not regs:
-            return None
-        return sum(r.error_sum for r in regs) / sum(r.errors for r in regs)
+    def _tally(self, **values: float) -> None:
+        self._totals["calls"] += 1
+        for name, value in values.items():
+            self._totals[name] += value
 
     def report(self) -> dict:
         r = super().report()
         t = self._totals
         c = max(t["calls"], 1)
+        regs = [st.regressor for st in self._keys.values() if st.regressor.errors]
         r.update({
-            "pbgc_predictor_mae_log": self.predictor_mae(),
+            # the regressors' mean out-of-sample error, natural-log units (None: no data)
+            "pbgc_predictor_mae_log": sum(g.error_sum for g in regs) / sum(g.errors for g in regs) if regs else None,
             "pbgc_predicted_share": t["predicted"] / c,  # share of steps run on predictions
             "pbgc_entropy": t["entropy"] / c,
             "pbgc_key_fraction_observed": t["key_frac"] / c,  # passed t_key, before capping

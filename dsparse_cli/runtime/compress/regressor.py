@@ -77,26 +77,17 @@ class QuantileRegressor:
         r = (measured - s).clamp(min=FLOOR)
         err = None
         if self._last is not None:
-            x = self._features(s, step)
-            with torch.no_grad():
-                pred = s + self._last[0] + self._net(x)
-            err = float((pred - measured.clamp(min=s + FLOOR)).abs().mean())
-            self._record_error(err)
-            self._add_example(x, r - self._last[0])
+            err = float((self.predict(s, step) - measured.clamp(min=s + FLOOR)).abs().mean())
+            self.errors += 1
+            self.error_sum += err
+            self.error_ema = err if self.error_ema is None else 0.8 * self.error_ema + 0.2 * err
+            self._xs.append(self._features(s, step))
+            self._ys.append(r - self._last[0])
+            del self._xs[:-self.buffer], self._ys[:-self.buffer]
+            self.fitted += 1
             self._fit()
         self._last = (r, s, step)
         return err
-
-    def _record_error(self, err: float) -> None:
-        self.errors += 1
-        self.error_sum += err
-        self.error_ema = err if self.error_ema is None else 0.8 * self.error_ema + 0.2 * err
-
-    def _add_example(self, x: Tensor, y: Tensor) -> None:
-        self._xs.append(x)
-        self._ys.append(y)
-        del self._xs[:-self.buffer], self._ys[:-self.buffer]
-        self.fitted += 1
 
     def _fit(self) -> None:
         xs, ys = torch.stack(self._xs), torch.stack(self._ys)
