@@ -107,10 +107,15 @@ def sparse_limits(plan: dict, n: int, slack_mib: int = 8) -> list[str]:
     planner accepts, launcher included: the planner then nests the boards' unit sets. `slack_mib`
     absorbs the base the next plan measures afresh."""
     extra = int(plan.get("launcher_bytes") or 0)
-    lo = int(plan["min_peak_bytes"]) + extra
+    lo = int(plan["min_peak_bytes"]) + extra + allocator_bytes(plan)
     hi = max(int(d["full_update_peak_bytes"]) for d in plan["devices"]) + extra
     keep = 1 - float(plan.get("headroom", HEADROOM))
     return [f"{math.ceil((lo + share * (hi - lo)) / keep / 2**20) + slack_mib}MiB" for share in graded_shares(n)]
+
+
+def allocator_bytes(plan: dict) -> int:
+    """What `allocator: fast` adds to a board's figures in this plan (0 with lean boards only)."""
+    return max((d.get("predicted_breakdown") or {}).get("allocator", 0) for d in plan["devices"])
 
 
 def graded_shares(n: int) -> list[float]:

@@ -27,18 +27,19 @@ slack exceeds that range and every board trains everything.
 The peers run on 127.0.0.1 with `torchrun --nproc-per-node N`.
 
 Figures per method and board: step_ms (training time / steps: forward, backward, aggregation,
-optimizer step; evaluation and start-up excluded), agg_ms_per_step (dsparse: the time
-aggregation held the step up, its mean, and the median and p90 of the steps' own figures
-(each the largest over the boards); DDP overlaps its all-reduce with the backward, so for the
-peers it is the exposed part: the step less the same step timed without the all-reduce),
-the link floor (the longest any board's link needs for what that board sends per step, at its
-rate) and agg_ms_per_step's ratio to it, bytes_sent_per_step (each board's link, ring all-reduce model 2(n-1)/n x payload for
-all-reduces, as dsparse's aggregator counts its own), peak_process_bytes (peak RSS of the
-training process; torchrun's agent and dsparse's launcher not included), peak_training_bytes
-(the private memory above the point right before the first step, the worker's meter on both
-sides; the DDP peer runs with glibc's allocator defaults, the worker with `MALLOC_ENV`), final accuracy on the digits test
-split, the accuracy at each epoch's end over the training seconds so far (`history`; both sides evaluate
-there) and from it the training seconds to a target accuracy, and wall_s (the whole command, start-up included).
+optimizer step; evaluation and start-up excluded), agg_ms_per_step (dsparse: the time aggregation
+held the step up, its mean, and the median and p90 of the steps' own figures (each the largest over
+the boards); DDP overlaps its all-reduce with the backward, so for the peers it is the exposed part:
+the step less the same step timed without the all-reduce), the link floor (the longest any board's
+link needs for what that board sends per step, at its rate) and agg_ms_per_step's ratio to it,
+bytes_sent_per_step (each board's link, ring all-reduce model 2(n-1)/n x payload for all-reduces, as
+dsparse's aggregator counts its own), peak_process_bytes (peak RSS of the training process;
+torchrun's agent and dsparse's launcher not included), peak_training_bytes (the private memory above
+the point right before the first step, the worker's meter on both sides; the DDP peer runs with
+glibc's allocator defaults, the worker with its `allocator:`, lean unless --allocator fast), final
+accuracy on the digits test split, the accuracy at each epoch's end over the training seconds so far
+(`history`; both sides evaluate there) and from it the training seconds to a target accuracy, and
+wall_s (the whole command, start-up included).
 
 `--finetune` first trains the model on digits 0-4 (bench/peers/pretrain.py, one process) and
 starts every method from those weights (the 5-class head re-initialised for ten digits).
@@ -68,6 +69,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from _runner import BenchError, check_methods, dsparse, free_port, json_of, tail  # noqa: E402
 from compression import _fmt, board_summaries, sparse_limits  # noqa: E402
 import edge_testbed  # noqa: E402
+import yaml  # noqa: E402
 
 from dsparse_cli.sizes import format_size as _size, parse_rate  # noqa: E402
 
@@ -92,6 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the boards' link: in cluster.yaml (planning input); a comma list is dealt to b0, b1, ... "
                         "in turn, e.g. 1gbit,20mbit")
     p.add_argument("--sync-every", type=int, default=4, help="--objective time's broadcast period")
+    p.add_argument("--allocator", default="lean", choices=("lean", "fast"),
+                   help="every dsparse board's `allocator:` in cluster.yaml (fast: glibc's defaults, as the peers run)")
     p.add_argument("--methods", default=None, help="comma-separated subset of " + ",".join(METHODS)
                    + " (default: all; dsparse_frozen only with --finetune)")
     p.add_argument("--smoke", action="store_true", help="2 boards, tiny_cnn, 4 steps, every method")
@@ -204,8 +208,8 @@ def _run(cmd: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProce
 def write_cluster(args, work: Path, limits: list) -> Path:
     links = [x.strip() for x in args.link.split(",") if x.strip()]
     lines = ["name: bench-edge", "master:", "  addr: 127.0.0.1", f"  port: {free_port()}", "boards:"]
-    lines += [f"  - {{name: b{i}, local: true, memory_limit: {lim}, link: {links[i % len(links)]}}}"
-              for i, lim in enumerate(limits)]
+    lines += [f"  - {{name: b{i}, local: true, memory_limit: {lim}, link: {links[i % len(links)]}, "
+              f"allocator: {args.allocator}}}" for i, lim in enumerate(limits)]
     path = work / "cluster.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -277,6 +281,10 @@ def on_testbed(args, work: Path) -> tuple[list[dict], list[dict], dict]:
     try:
         testbed(work, "up", *edge_testbed.up_args(args))
         cluster = prepare(work, args.link)
+        if args.allocator != "lean":
+            doc = yaml.safe_load(cluster.read_text())
+            doc.setdefault("defaults", {})["allocator"] = args.allocator
+            cluster.write_text(yaml.safe_dump(doc, sort_keys=False))
         if args.profile == "paper7":
             args.link = edge_testbed.links_from_record(work, cluster)
         return run_all(args, work, cluster)
@@ -359,6 +367,7 @@ def markdown(doc: dict) -> str:
              f"paper7 testbed boards over SSH (links {c['link']})" if tb.get("profile") == "paper7" else
              f"testbed boards over SSH ({tb['cpus']:g} CPU, {tb['memory']}, link {c['link']}, {tb['delay']} delay)")
     start = f", fine-tuned from digits 0-4 ({c['pretrain_steps']} steps)" if c.get("finetune") else ""
+    start += f", dsparse allocator {c['allocator']}" if c.get("allocator", "lean") != "lean" else ""
     head = (f"{c['model']} {c['image_size']}x{c['image_size']} on digits{start}, {c['boards']} {where}, "
             f"batch {c['batch_size']}, {c['steps']} steps, seed {c['seed']}, lr {c['lr']:g}\n\n")
     cols = ["method", "step ms", "agg ms/step", "agg ms median / p90", "sent/step (busiest board)",
@@ -414,7 +423,7 @@ def main(argv=None) -> int:
     doc = {"methods": rows, "failed": failures, "plans": plans, "target_accuracy": target, "config": {
         "dataset": "digits", "model": args.model, "image_size": args.image_size, "boards": args.boards,
         "batch_size": args.batch_size, "steps": args.steps, "seed": args.seed, "lr": args.lr, "link": args.link,
-        "sync_every": args.sync_every, "smoke": args.smoke, "host_cpus": os.cpu_count(),
+        "sync_every": args.sync_every, "allocator": args.allocator, "smoke": args.smoke, "host_cpus": os.cpu_count(),
         "finetune": args.finetune, "pretrain_steps": args.pretrain_steps if args.finetune else None,
         "testbed": ({"profile": "paper7"} if args.profile == "paper7" else
                     {"memory": args.memory, "cpus": args.cpus, "delay": args.delay}) if args.testbed else None,

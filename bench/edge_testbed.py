@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from _runner import BenchError, free_port, tail
-from compression import graded_shares
+from compression import allocator_bytes, graded_shares
 from wire_check import cli_for, grade
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,7 +58,8 @@ def graded_cluster(args, cluster: Path, plan) -> Path:
     cli_for(cluster)("probe", "--accept-new-host-keys", timeout=args.timeout)
     first = plan("memory")
     full = max(d["full_update_training_bytes"] for d in first["devices"])
-    grade(cluster, first["min_peak_bytes"] - first["base_bytes"], full, graded_shares(args.boards))
+    least = first["min_peak_bytes"] - first["base_bytes"] + allocator_bytes(first)
+    grade(cluster, least, full, graded_shares(args.boards))
     return cluster
 
 

@@ -171,6 +171,7 @@ class PlanDevice:
     predicted_training_bytes: int | None = None
     full_update_peak_bytes: int | None = None
     full_update_training_bytes: int | None = None
+    allocator: str = "lean"             # ALLOCATORS: how its worker's glibc hands out memory
     extra: dict = field(default_factory=dict)
 
 
@@ -191,6 +192,9 @@ class PlanGroup:
 
 PLAN_VERSION = 1
 GROUP_OPS = ("allreduce", "broadcast")
+# lean (the default): freed memory goes back at once, so training memory follows live tensors as
+# the profile measured it; fast: glibc's defaults, 1.6-1.9x faster CPU steps, more memory (BENCHMARKS)
+ALLOCATORS = ("lean", "fast")
 
 
 @dataclass
@@ -233,6 +237,9 @@ class Plan:
             if bad:
                 raise ContractError(f"{where}.devices[{i}] ({d.name}) trains unit {bad[0]!r}, "
                                     f"which the plan's {len(self.units)} units do not have")
+            if d.allocator not in ALLOCATORS:
+                raise ContractError(f"{where}.devices[{i}].allocator is {d.allocator!r}, "
+                                    f"not one of {', '.join(ALLOCATORS)}")
         for i, g in enumerate(self.groups):
             if g.op not in GROUP_OPS:
                 raise ContractError(f"{where}.groups[{i}].op is {g.op!r}, not one of {', '.join(GROUP_OPS)}")

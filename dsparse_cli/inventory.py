@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from dsparse_cli.contract import ALLOCATORS
 from dsparse_cli.errors import ConfigError
 from dsparse_cli.sizes import parse_rate, parse_size
 
@@ -53,6 +54,7 @@ class Target:
     training_memory: int | None = None   # simulated boards: budget = measured base + launcher + this
     link: float | None = None   # the board's link rate to the others, bytes/s (`link: 100mbit`)
     threads: int | None = None  # torch threads of its worker (default: the CPUs it may really use)
+    allocator: str = ALLOCATORS[0]   # its worker's memory allocator (contract.ALLOCATORS)
 
     def check(self) -> Target:
         """This target, or the ConfigError its cluster.yaml entry holds for whoever contacts it."""
@@ -200,11 +202,16 @@ _port = _rule(lambda v: _number(v) and 1 <= v <= 65535 and v == int(v), "a numbe
 _flag = _rule(lambda v: isinstance(v, bool), "true or false")
 
 
-def _launcher(value) -> str:
-    if value not in LAUNCHERS:
-        close = _did_you_mean(str(value), LAUNCHERS)
-        raise ValueError(f"must be {' or '.join(LAUNCHERS)}, got {_show(value)}" + (f" ({close})" if close else ""))
-    return value
+def _one_of(choices: tuple[str, ...]):
+    def rule(value) -> str:
+        if value not in choices:
+            close = _did_you_mean(str(value), choices)
+            raise ValueError(f"must be {' or '.join(choices)}, got {_show(value)}" + (f" ({close})" if close else ""))
+        return value
+    return rule
+
+
+_launcher, _allocator = _one_of(LAUNCHERS), _one_of(ALLOCATORS)
 
 _kind = _rule(lambda v: v in KINDS, "one of " + ", ".join(KINDS))
 _threads = _rule(lambda v: _number(v) and v >= 1 and v == int(v), "a whole number of at least 1", int)
@@ -219,7 +226,7 @@ def _board_name(value) -> str:
 
 
 _REACH = {"user": _text, "port": _port, "identity_file": _text, "python": _text, "workdir": _text,
-          "data_dir": _text, "link": parse_rate, "threads": _threads}
+          "data_dir": _text, "link": parse_rate, "threads": _threads, "allocator": _allocator}
 _KEYS = {  # section -> key -> rule (a rule returns the value to use, or raises ValueError saying why not)
     "cluster": {"name": _text, "defaults": _as_is, "master": _as_is, "boards": _as_is, "launcher": _launcher},
     "defaults": {**_REACH, "known_hosts": _text},
@@ -336,7 +343,8 @@ def _resolve(b: dict, line: int, d: dict, lookup, path: Path) -> Target:
 
 def _shared(b: dict, d: dict) -> dict:
     """Keys a board takes from `defaults` when it does not set them, local or not."""
-    return {key: b.get(key, d.get(key)) for key in ("link", "threads")}
+    shared = {key: b.get(key, d.get(key)) for key in ("link", "threads", "allocator")}
+    return {key: value for key, value in shared.items() if value is not None}
 
 
 def _relative_to(inventory: Path, value: str) -> Path:

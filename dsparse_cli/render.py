@@ -118,6 +118,11 @@ def plan_view(doc: dict) -> Group:
         who = "torchrun's agent" if doc.get("launcher", "torchrun") == "torchrun" else "dsparse's launcher"
         parts.append(Text(f"peaks are the worker's; each budget also holds {who} "
                           f"({format_size(doc['launcher_bytes'])} of private memory)"))
+    fast = [d for d in doc["devices"] if d.get("allocator") == "fast"]
+    if fast:
+        parts.append(Text(f"allocator fast on {', '.join(d['name'] for d in fast)}: glibc's defaults, faster steps; "
+                          f"their figures hold what that added to a full update here "
+                          f"({format_size(fast[0]['predicted_breakdown'].get('allocator', 0))})"))
     if doc.get("predicted_agg_s_per_step") is not None:
         parts.append(Text(f"objective {doc.get('objective', 'memory')}: predicted aggregation "
                           f"{doc['predicted_agg_s_per_step']:.3f} s/step; a full update's ring all-reduce "

@@ -149,15 +149,16 @@ def worker_threads(target: Target, inv: Inventory) -> int | None:
     return None
 
 
-def worker_env(target: Target, inv: Inventory, pkg_dir: str, probed_iface: str | None = None) -> dict[str, str]:
+def worker_env(target: Target, inv: Inventory, pkg_dir: str, probed_iface: str | None = None,
+               allocator: str = "lean") -> dict[str, str]:
     """The worker's environment. Collectives bind to the inventory's `iface`, else to the one the
     probe found toward the master (so gloo/NCCL never pick a wrong interface on multi-homed boards)."""
-    from dsparse_cli.planning.profile import MALLOC_ENV
+    from dsparse_cli.planning.profile import allocator_env
 
     iface = target.iface or probed_iface or ("lo" if target.local else None)
-    # The plan's memory figures were measured with glibc returning freed memory at once; the
-    # worker runs the same way so its footprint is the one planned (1.6x per step, measured: BENCHMARKS).
-    env = {"PYTHONPATH": pkg_dir, "PYTHONUNBUFFERED": "1", "TORCH_CPP_LOG_LEVEL": "ERROR", **MALLOC_ENV}
+    # The plan's memory figures hold for the allocator it was made with (lean: glibc returns freed
+    # memory at once, as the profile measured; 1.6x per step for it, measured: BENCHMARKS).
+    env = {"PYTHONPATH": pkg_dir, "PYTHONUNBUFFERED": "1", "TORCH_CPP_LOG_LEVEL": "ERROR", **allocator_env(allocator)}
     threads = worker_threads(target, inv)
     if threads:
         env[THREADS_ENV] = str(threads)
@@ -316,7 +317,7 @@ def start_job(inv: Inventory, doc: dict, opts: JobSpec, *, connect_timeout: floa
             target, (transport, pkg) = by_name[run.name], result.value
             if resume_of:
                 _reset_run(transport, run)
-            env = worker_env(target, inv, pkg, ifaces.get(run.name))
+            env = worker_env(target, inv, pkg, ifaces.get(run.name), plan.device(run.name).allocator)
             with ctrl_c_after():   # recorded at once: stop must find it even if we die now
                 proc = transport.start_detached(worker_command(target, run.rank, world, inv, run.run_dir),
                                                 log_path=run.log_path, env=env, cwd=run.run_dir)

@@ -47,7 +47,16 @@ def plan_cluster(*, cluster: str, boards: Sequence[tuple[str, Mapping]], state_d
     order = importance_order(importance, prof.num_units, model=model, num_classes=num_classes,
                              image_size=image_size, batch_size=batch_size)
     launcher_mem = launcher_bytes(prof, launcher)
-    devices = [Device(name, board_budget(facts, headroom, prof.base_bytes + launcher_mem)) for name, facts in boards]
+    allocators = {name: facts.get("allocator", "lean") for name, facts in boards}
+    if "fast" in allocators.values() and not prof.fast_allocator_bytes:   # measured once, kept with the profile
+        from dsparse_cli.planning.profile import profile_path, save_profile
+        from dsparse_cli.planning.step import fast_allocator_bytes
+
+        prof.fast_allocator_bytes = fast_allocator_bytes(prof)
+        save_profile(prof, profile_path(state_dir, prof.key))
+    extra = {name: prof.fast_allocator_bytes if a == "fast" else 0 for name, a in allocators.items()}
+    devices = [Device(name, board_budget(facts, headroom, prof.base_bytes + launcher_mem), extra[name])
+               for name, facts in boards]
     result = plan_devices(devices, prof, order, allow_frozen=allow_frozen, exclude_small=exclude_small,
                           launcher_bytes=launcher_mem)
     rates = [link_of[d.name] for d in result.devices]
@@ -57,7 +66,7 @@ def plan_cluster(*, cluster: str, boards: Sequence[tuple[str, Mapping]], state_d
     return build_plan(cluster=cluster, profile=prof, result=result, sync_every=sync_every,
                       probe={name: facts for name, facts in boards}, importance=importance,
                       headroom=headroom, allow_frozen=allow_frozen, launcher=launcher, objective=objective,
-                      rates=rates)
+                      rates=rates, allocators=allocators)
 
 
 def board_budget(facts: Mapping, headroom: float, base_and_launcher: int) -> int:

@@ -61,6 +61,8 @@ def _budget_sources(inv: Inventory) -> dict[str, dict]:
                               "run `dsparse probe` (or `dsparse plan --probe`), or set memory_limit")
         if board.training_memory:
             facts[board.name]["training_allowance_bytes"] = board.training_memory
+        if board.allocator != "lean":
+            facts[board.name]["allocator"] = board.allocator
         link = board.link or (p.link_bytes_per_s if p else None)   # cluster.yaml's, else measured
         if link:
             facts[board.name]["link_bytes_per_s"] = link

@@ -34,10 +34,13 @@ def budget_bytes(usable_memory_bytes: int, headroom: float = DEFAULT_HEADROOM) -
 def build_plan(*, cluster: str, profile: Profile, result: PlanResult, objective: str, sync_every: int = 1,
                probe: Mapping[str, Mapping] | None = None, importance: str = "depth",
                headroom: float = DEFAULT_HEADROOM, allow_frozen: bool = False, launcher: str = "dsparse",
-               rates: Sequence[float | None] | None = None) -> dict:
+               rates: Sequence[float | None] | None = None, allocators: Mapping[str, str] | None = None) -> dict:
     """The plan document (see docs/internals.md) from a profile and the planner's result, made for
     `objective` (memory or time, as resolved by `plan_cluster`).
-    `rates[rank]`: each planned board's link (bytes/s, None unknown), for roots and the wire model."""
+    `rates[rank]`: each planned board's link (bytes/s, None unknown), for roots and the wire model.
+    `allocators[name]`: a board's allocator (lean when missing); a fast one's figures hold the
+    profile's `fast_allocator_bytes` too."""
+    allocator = {d.name: (allocators or {}).get(d.name, "lean") for d in result.devices}
     rates = list(rates) if rates else [None] * len(result.devices)
     groups = build_groups([d.units for d in result.devices], [u.param_bytes for u in profile.units],
                           [u.buffer_bytes for u in profile.units], sync_every,
@@ -49,15 +52,19 @@ def build_plan(*, cluster: str, profile: Profile, result: PlanResult, objective:
     # The planner sized each board for any groups (`replay.upper_comm`); now that the groups exist,
     # each board's figures count what its own aggregation holds (never more than it was sized for).
     parts = {d.rank: breakdown(profile, d.units, plan_comm(profile, groups, d.rank)) for d in result.devices}
+    extra = {d.name: profile.fast_allocator_bytes if allocator[d.name] == "fast" else 0 for d in result.devices}
+    for d in result.devices:
+        if extra[d.name]:
+            parts[d.rank]["allocator"] = extra[d.name]
     devices = [{"name": d.name, "rank": d.rank, "budget_bytes": d.budget_bytes,
                 "predicted_peak_bytes": profile.base_bytes + sum(parts[d.rank].values()),
                 "predicted_training_bytes": sum(parts[d.rank].values()),
                 "predicted_breakdown": parts[d.rank],
-                "full_update_peak_bytes": result.full_update_peak_bytes,
-                "full_update_training_bytes": result.full_update_training_bytes,
+                "full_update_peak_bytes": result.full_update_peak_bytes + extra[d.name],
+                "full_update_training_bytes": result.full_update_training_bytes + extra[d.name],
                 "link_bytes_per_s": wire[d.rank].rate, "predicted_sent_bytes_per_step": wire[d.rank].sent,
                 "predicted_recv_bytes_per_step": wire[d.rank].recv, "predicted_link_s_per_step": wire[d.rank].seconds,
-                "units": list(d.units)} for d in result.devices]
+                "units": list(d.units), "allocator": allocator[d.name]} for d in result.devices]
     return {
         "version": PLAN_VERSION, "cluster": cluster, "model": profile.model, "num_classes": profile.num_classes,
         "image_size": profile.image_size, "batch_size": profile.batch_size, "optimizer": profile.optimizer,

@@ -79,6 +79,7 @@ class CostTable:
 class Device:
     name: str
     budget_bytes: int
+    extra_bytes: int = 0             # what its allocator holds beyond the cost model's figures
 
 
 @dataclass
@@ -138,13 +139,14 @@ def plan_devices(devices: Sequence[Device], cost: CostModel, order: Sequence[int
     top = cost.unit_names[order[0]]
     planned, excluded = [], []
     for dev in devices:
-        k = max((k for k in range(1, n + 1) if needs_of[k] <= dev.budget_bytes), default=0)
+        k = max((k for k in range(1, n + 1) if needs_of[k] + dev.extra_bytes <= dev.budget_bytes), default=0)
         if k == 0:
+            least = needs_of[1] + dev.extra_bytes
             needs = (f"board {dev.name}: budget {format_size(dev.budget_bytes)}, needs at least "
-                     f"{format_size(needs_of[1])} to train the {top}")
+                     f"{format_size(least)} to train the {top}")
             if not exclude_small:
                 raise ConfigError(needs, SMALL_HINT)
-            excluded.append(Excluded(dev.name, dev.budget_bytes, needs_of[1], needs.split(": ", 1)[1]))
+            excluded.append(Excluded(dev.name, dev.budget_bytes, least, needs.split(": ", 1)[1]))
             continue
         planned.append((dev, k))
     if not planned:
@@ -156,7 +158,7 @@ def plan_devices(devices: Sequence[Device], cost: CostModel, order: Sequence[int
         raise ConfigError(
             f"no board can train every unit: the largest, {largest_dev.name} (budget "
             f"{format_size(largest_dev.budget_bytes)}), fits {largest_k} of {n} units; a full update "
-            f"needs {format_size(needs_of[n])}",
+            f"needs {format_size(needs_of[n] + largest_dev.extra_bytes)}",
             "raise its memory_limit, lower --batch-size, or pass --allow-frozen")
     plans = [DevicePlan(dev.name, rank, dev.budget_bytes, sorted(order[:k]), peaks[k],
                         cost.training_bytes(order[:k])) for rank, (dev, k) in enumerate(planned)]

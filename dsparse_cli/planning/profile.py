@@ -65,8 +65,8 @@ from dsparse_cli.planning.replay import (FROZEN, PASSTHROUGH, UPDATED, breakdown
                                          training_bytes, weight_bytes)
 
 # The replay (replay.py) is part of what a profile offers its users: re-exported here.
-__all__ = ["FROZEN", "PASSTHROUGH", "UPDATED", "MALLOC_ENV", "PROFILE_FORMAT", "Profile", "UnitCost", "breakdown",
-           "check_args", "check_model", "child_env", "get_profile", "launcher_bytes", "live_peak_bytes",
+__all__ = ["FROZEN", "PASSTHROUGH", "UPDATED", "MALLOC_ENV", "PROFILE_FORMAT", "Profile", "UnitCost", "allocator_env",
+           "breakdown", "check_args", "check_model", "child_env", "get_profile", "launcher_bytes", "live_peak_bytes",
            "load_profile", "measure_launcher_bytes", "peak_bytes", "profile_key", "profile_path",
            "run_profile_subprocess", "save_profile", "torch_version", "training_bytes", "weight_bytes"]
 
@@ -118,6 +118,7 @@ class Profile:
     supervisor_bytes: int = 0            # the same of dsparse's launcher (runtime/supervise.py)
     eval_first_bytes: int = 0            # one-time growth of the first evaluation (eval-mode forward)
     first_step_file_bytes: int = 0       # file-backed pages the first steps map (in base_bytes)
+    fast_allocator_bytes: int = 0        # what glibc's defaults add to a full update (0: not measured yet)
     format: int = PROFILE_FORMAT
 
     # --- the cost-model interface the planner uses -------------------------------------------
@@ -277,10 +278,16 @@ def measure_launcher_bytes(kind: str = "torchrun") -> int:
     return int(proc.stdout.strip()) * 1024
 
 
-def child_env() -> dict[str, str]:
-    """Environment for a measuring child: this repo importable, glibc returning memory."""
+def allocator_env(allocator: str) -> dict[str, str]:
+    """What a worker's environment holds for its allocator (contract.ALLOCATORS): lean, glibc
+    returning freed memory at once as the profile measures it; fast, glibc's defaults."""
+    return dict(MALLOC_ENV) if allocator == "lean" else {}
+
+
+def child_env(allocator: str = "lean") -> dict[str, str]:
+    """Environment for a measuring child: this repo importable, glibc set up for `allocator`."""
     root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, **MALLOC_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV} | allocator_env(allocator)
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import one_line_error, run_cli, seed_profile
+from helpers import one_line_error, run_cli, seed_profile, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -304,3 +304,22 @@ def test_stop_from_another_terminal_is_not_a_failure(planned, tmp_path):
     assert "was stopped by `dsparse stop`" in err and "error: board" not in err
     job = _job(d)
     assert job["state"] == "stopped" and job.get("failed_board") is None
+
+
+def test_a_fast_allocator_board_plans_its_overhead_and_its_worker_runs_with_glibc_defaults(planned, tmp_path):
+    d = fresh_copy(planned, tmp_path)
+    (d / "cluster.yaml").write_text((d / "cluster.yaml").read_text().replace(
+        "memory_limit: 1800MiB}", "memory_limit: 1800MiB, allocator: fast}"))
+    doc = json.loads(run_cli(*PLAN, "--json", cwd=d).stdout)
+    a, b = doc["devices"]
+    assert (a["allocator"], b["allocator"]) == ("lean", "fast")
+    assert b["predicted_breakdown"]["allocator"] > 0 and "allocator" not in a["predicted_breakdown"]
+    proc = run_cli("train", "--dataset", "synthetic", "--epochs", "50", "--detach", "--json", cwd=d, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    try:
+        assert wait_for(lambda: all((_heartbeat(_job(d), n) or {}).get("global_step") for n in "ab"), 120)
+        env = {n: Path(f"/proc/{_heartbeat(_job(d), n)['pid']}/environ").read_bytes().split(b"\0") for n in "ab"}
+        assert b"MALLOC_MMAP_THRESHOLD_=4096" in env["a"]                          # lean: as profiled
+        assert not any(v.startswith(b"MALLOC_") for v in env["b"])              # fast: glibc's defaults
+    finally:
+        assert run_cli("stop", cwd=d, timeout=120).returncode == 0

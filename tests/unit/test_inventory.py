@@ -126,6 +126,8 @@ JARGON = ("Input should", "boards.0", "instance of", "Field required", "Value er
     ("bords: []\n", "unknown key 'bords' (did you mean 'boards'?)"),
     ("launcher: torchrn\nboards:\n  - {name: a, local: true}\n",
      "line 1: launcher must be dsparse or torchrun, got 'torchrn' (did you mean 'torchrun'?)"),
+    ("boards:\n  - {name: a, local: true, allocator: fsat}\n",
+     "line 2: board 'a': allocator must be lean or fast, got 'fsat' (did you mean 'fast'?)"),
     ("boards:\n  - {name: a, local: true}\n  - {name: a, local: true}\n",
      "line 3: duplicate board name 'a' (line 2 has it too; each board needs its own name)"),
     ("boards:\n  - {name: a}\n", "line 2: board 'a' has no host (add `host:` or `local: true`)"),
@@ -247,6 +249,15 @@ def test_bad_link_and_threads_are_one_line_each(tmp_path):
     lines = str(err.value).splitlines()
     assert len(lines) == 2
     assert "link fast is not a link rate" in lines[0] and "threads must be a whole number" in lines[1]
+
+
+def test_allocator_is_lean_unless_fast_is_asked_for_per_board_or_in_defaults(tmp_path):
+    inv = load_inventory(write(tmp_path, "boards:\n  - {name: a, local: true}\n"
+                               "  - {name: b, host: 10.0.0.2, allocator: fast}\n"))
+    assert [b.allocator for b in inv.boards] == ["lean", "fast"]
+    inv = load_inventory(write(tmp_path, "defaults: {allocator: fast}\nboards:\n  - {name: a, host: 10.0.0.1}\n"
+                               "  - {name: b, local: true, allocator: lean}\n"))
+    assert [b.allocator for b in inv.boards] == ["fast", "lean"]
 
 
 def test_training_memory_holds_for_ssh_boards_too(tmp_path):

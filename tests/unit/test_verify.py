@@ -100,3 +100,30 @@ def test_verify_measures_each_device_close_to_prediction(state_dir):
     assert rows[1]["measured_step_bytes"] < rows[0]["measured_step_bytes"]
     merged = merge_verify(doc, rows)
     assert merged["devices"][1]["measured_training_bytes"] == rows[1]["measured_training_bytes"]
+
+
+def test_a_fast_allocator_board_is_planned_with_its_measured_overhead(state_dir):
+    """`allocator: fast` (glibc's defaults): the full update's extra memory is measured here once
+    (both allocators, one process each), kept with the profile, added to the fast board's figures
+    and budget; `--verify` runs that board's step with the defaults and holds it to the figure."""
+    kw = {k: v for k, v in VERIFIED.items() if k != "model"}
+    profile = get_profile(state_dir, VERIFIED["model"], **kw)
+    full = profile.peak_bytes(range(4)) + profile.supervisor_bytes
+    roomy = {"usable_memory_bytes": int(full / 0.85) + (64 << 20)}
+    doc = plan_cluster(cluster="t", boards=[("lean", roomy), ("fast", {**roomy, "allocator": "fast"})],
+                       state_dir=state_dir, **VERIFIED)
+    extra = get_profile(state_dir, VERIFIED["model"], **kw).fast_allocator_bytes   # cached with the profile
+    assert extra > 0, "glibc's defaults keep freed blocks: a full update holds more"
+    lean, fast = doc["devices"]
+    assert (lean["allocator"], fast["allocator"]) == ("lean", "fast") and lean["units"] == fast["units"]
+    assert fast["predicted_training_bytes"] == lean["predicted_training_bytes"] + extra
+    assert fast["predicted_breakdown"]["allocator"] == extra and "allocator" not in lean["predicted_breakdown"]
+    rows = verify_plan(doc)
+    assert abs(rows[0]["error_pct"]) <= TOLERANCE_PCT, rows[0]
+    assert rows[1]["error_pct"] <= TOLERANCE_PCT and rows[1]["within_tolerance"], rows[1]   # a bound, not a match
+    assert rows[1]["measured_training_bytes"] > rows[0]["measured_training_bytes"]   # the defaults really hold more
+    # a budget 1 MiB short of the fast full update's: a lean board trains everything, the fast one less
+    tight = {"usable_memory_bytes": int((full + extra - (1 << 20)) / 0.85)}
+    doc = plan_cluster(cluster="t", boards=[("lean", tight), ("fast", {**tight, "allocator": "fast"})],
+                       state_dir=state_dir, **VERIFIED)
+    assert 0 < len(doc["devices"][1]["units"]) < len(doc["devices"][0]["units"]) == 4
