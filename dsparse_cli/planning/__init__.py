@@ -48,13 +48,13 @@ def plan_cluster(*, cluster: str, boards: Sequence[tuple[str, Mapping]], state_d
                              image_size=image_size, batch_size=batch_size)
     launcher_mem = launcher_bytes(prof, launcher)
     allocators = {name: facts.get("allocator", "lean") for name, facts in boards}
-    if "fast" in allocators.values() and not prof.fast_allocator_bytes:   # measured once, kept with the profile
+    if "fast" in allocators.values() and prof.fast_allocator_bytes is None:   # measured once, kept with the profile
         from dsparse_cli.planning.profile import profile_path, save_profile
         from dsparse_cli.planning.step import fast_allocator_bytes
 
         prof.fast_allocator_bytes = fast_allocator_bytes(prof)
         save_profile(prof, profile_path(state_dir, prof.key))
-    extra = {name: prof.fast_allocator_bytes if a == "fast" else 0 for name, a in allocators.items()}
+    extra = {name: (prof.fast_allocator_bytes or 0) if a == "fast" else 0 for name, a in allocators.items()}
     devices = [Device(name, board_budget(facts, headroom, prof.base_bytes + launcher_mem), extra[name])
                for name, facts in boards]
     result = plan_devices(devices, prof, order, allow_frozen=allow_frozen, exclude_small=exclude_small,

@@ -52,7 +52,8 @@ def build_plan(*, cluster: str, profile: Profile, result: PlanResult, objective:
     # The planner sized each board for any groups (`replay.upper_comm`); now that the groups exist,
     # each board's figures count what its own aggregation holds (never more than it was sized for).
     parts = {d.rank: breakdown(profile, d.units, plan_comm(profile, groups, d.rank)) for d in result.devices}
-    extra = {d.name: profile.fast_allocator_bytes if allocator[d.name] == "fast" else 0 for d in result.devices}
+    fast_extra = profile.fast_allocator_bytes or 0
+    extra = {d.name: fast_extra if allocator[d.name] == "fast" else 0 for d in result.devices}
     for d in result.devices:
         if extra[d.name]:
             parts[d.rank]["allocator"] = extra[d.name]

@@ -118,7 +118,7 @@ class Profile:
     supervisor_bytes: int = 0            # the same of dsparse's launcher (runtime/supervise.py)
     eval_first_bytes: int = 0            # one-time growth of the first evaluation (eval-mode forward)
     first_step_file_bytes: int = 0       # file-backed pages the first steps map (in base_bytes)
-    fast_allocator_bytes: int = 0        # what glibc's defaults add to a full update (0: not measured yet)
+    fast_allocator_bytes: int | None = None   # what glibc's defaults add to a full update (None: not measured)
     format: int = PROFILE_FORMAT
 
     # --- the cost-model interface the planner uses -------------------------------------------

@@ -87,7 +87,7 @@ def compare(device: dict, measured: dict) -> dict:
             "measured_step_bytes": m_step, "step_error_pct": _pct(m_step, pred_step),
             "measured_base_bytes": measured.get("measured_base_bytes"), "device": measured.get("device", "cpu"),
             "host": measured.get("host"), "cgroup": measured.get("cgroup"),
-            # a fast board's figure is the full update's allocator overhead on top: a bound, not a match
+            # a fast board's figure holds an estimate of its allocator's extra: held to it from above only
             "within_tolerance": (err if device.get("allocator") == "fast" else abs(err)) <= 100 * TOLERANCE}
 
 
