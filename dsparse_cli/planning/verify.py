@@ -17,7 +17,6 @@ Both sides use the worker's split (see `replay` and `verify_step`):
 
 from __future__ import annotations
 
-import json
 import shlex
 import tempfile
 import threading
@@ -43,7 +42,7 @@ def _pct(measured: int, predicted: int) -> float:
 
 
 def run_step_on_board(transport: Transport, target: Target, plan_path: Path, rank: int, *,
-                      device: str = "cpu", timeout: float = 600) -> dict:
+                      device: str = "cpu", timeout: float = 600, allocator: str = "lean") -> dict:
     """The step on an SSH board: the runtime shipped to <workdir>/pkg as for a job (and kept
     there for it), the plan to <workdir>/verify/plan.json, run by the board's python."""
     from dsparse_cli.jobs.shipping import ship_runtime
@@ -55,8 +54,7 @@ def run_step_on_board(transport: Transport, target: Target, plan_path: Path, ran
     staging.mkdir(exist_ok=True)
     ship_runtime(transport, pkg, staging)
     transport.put(str(plan_path), remote_plan)
-    malloc = allocator_env(_allocator(plan_path, rank))
-    env = [f"{k}={shlex.quote(v)}" for k, v in malloc.items()] + [f"PYTHONPATH={sh_path(pkg)}"]
+    env = [f"{k}={shlex.quote(v)}" for k, v in allocator_env(allocator).items()] + [f"PYTHONPATH={sh_path(pkg)}"]
     if target.threads:
         env.append(f"{THREADS_ENV}={target.threads}")
     cmd = " ".join(["env", *env, shlex.quote(target.python), "-m", "dsparse_cli.runtime.verify_step",
@@ -65,10 +63,6 @@ def run_step_on_board(transport: Transport, target: Target, plan_path: Path, ran
     if res.timed_out:
         raise JobError(f"verify step on {target.name} took longer than {timeout:.0f} s")
     return step_result(res.rc, res.stdout, res.stderr, f"on {target.name}")
-
-
-def _allocator(plan_path: Path, rank: int) -> str:
-    return json.loads(Path(plan_path).read_text())["devices"][rank].get("allocator", "lean")
 
 
 def compare(device: dict, measured: dict) -> dict:
@@ -115,7 +109,8 @@ def verify_plan(doc: dict, *, boards: dict[str, Target] | None = None, connect: 
             target = (boards or {}).get(dev["name"])
             if _remote(target, connect):
                 with connect(target) as transport:
-                    measured = run_step_on_board(transport, target, path, dev["rank"], device=device, timeout=timeout)
+                    measured = run_step_on_board(transport, target, path, dev["rank"], device=device, timeout=timeout,
+                                                 allocator=dev.get("allocator", "lean"))
             else:
                 with local_slots:
                     measured = run_step(path, dev["rank"], device=device, timeout=timeout,
