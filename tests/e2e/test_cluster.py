@@ -4,7 +4,8 @@ namespace, sshd, memory cgroup and emulated link.
 1. probe -> plan --push --verify (each board's step runs on that board, in its cgroup) -> every
    board's memory limit set 5 % above what the plan predicts it needs -> train digits for 2 epochs
    -> status, with no board OOM-killed and every board's measured peak training memory within
-   10 % of the prediction (issue #13);
+   10 % of the prediction (issue #13). At 64x64 a full update holds ~12.6 MiB of training memory:
+   at 32x32 (3.9 MiB) the allocator's run-to-run ~0.4 MiB alone came near the 10 %;
 2. a full update that does not fit a board's limit is refused by `dsparse plan`.
 
 Faults (a link down, a killed worker, ...) are the fault suite's, in test_faults.py.
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from edge_testbed import require_testbed, running_testbed
-from helpers import one_line_error, run_cli, seed_profile
+from helpers import one_line_error, run_cli
 from testbed_jobs import (HEADROOM, MiB, alive, kill_recorded_leftovers, latest_job, oom_kills, peak_usage, pids,
                           predicted_needs, up_args)
 
@@ -34,18 +35,18 @@ BOARDS = ("b0", "b1", "b2", "b3")
 ROOM_MIB = 100
 NEED_MARGIN = 0.05                   # the limits the job runs under: 5 % above the predicted need
 PEAK_TOLERANCE = 0.10                # measured peak training memory vs the plan's prediction
-ACCURACY_FLOOR = 0.30                # 2 epochs of tiny_cnn on digits reach ~0.44 here; chance is 0.10
+ACCURACY_FLOOR = 0.30                # 2 epochs of tiny_cnn on digits (64x64, lr 0.2) reach ~0.44; chance is 0.10
+BATCH, IMAGE = 16, 64
 COLLECTIVE_TIMEOUT = 20
-TRAIN = ("train", "--dataset", "digits", "--batch-size", "16", "--lr", "0.1",
+TRAIN = ("train", "--dataset", "digits", "--batch-size", str(BATCH), "--lr", "0.2",
          "--collective-timeout", str(COLLECTIVE_TIMEOUT))
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, tiny_cnn_profile):
+def cluster(tmp_path_factory):
     require_testbed()
     d = tmp_path_factory.mktemp("cluster4")
-    seed_profile(tiny_cnn_profile, d / ".dsparse")   # measured once for the session: read here and by `plan`
-    _, full = predicted_needs(d / ".dsparse", 16)
+    _, full = predicted_needs(d / ".dsparse", BATCH, IMAGE)    # measured here, cached for `plan`
     limit_mib = int(full / MiB / (1 - HEADROOM) + ROOM_MIB)
     with running_testbed(d, *up_args(len(BOARDS), limit_mib)) as tb:
         try:
@@ -68,7 +69,8 @@ def test_probe_plan_train_status_without_oom(cluster):
         assert b["cgroup_limit_bytes"] == limit
         assert abs(b["usable_memory_bytes"] - limit) / limit < 0.03, (name, b["usable_memory_bytes"], limit)
 
-    proc = run_cli("plan", "--model", "tiny_cnn", "--batch-size", "16", "--push", "--verify", "--json",
+    proc = run_cli("plan", "--model", "tiny_cnn", "--batch-size", str(BATCH), "--image-size", str(IMAGE),
+                   "--push", "--verify", "--json",
                    cwd=tb.dir, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     plan = json.loads(proc.stdout)
@@ -94,6 +96,7 @@ def test_probe_plan_train_status_without_oom(cluster):
     proc = run_cli(*TRAIN, "--epochs", "2", "--json", cwd=tb.dir, timeout=500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
+    print(f"accuracy after 2 epochs: {summary['accuracy']:.3f}")
     assert summary["state"] == "finished" and summary["accuracy"] >= ACCURACY_FLOOR, summary["accuracy"]
     measured = {b["name"]: b["peak_memory_bytes"] for b in summary["boards"]}
     for d in plan["devices"]:

@@ -13,13 +13,13 @@ MiB = 1 << 20
 HEADROOM = 0.15                      # `dsparse plan`'s default
 
 
-def predicted_needs(state_dir: Path, batch_size: int) -> tuple[int, int]:
+def predicted_needs(state_dir: Path, batch_size: int, image_size: int = 32) -> tuple[int, int]:
     """What a board must hold for tiny_cnn (worker peak + dsparse's launcher) to train the last unit
     only, and every unit, from the profile measured here (as `dsparse plan` does; cached in
     `state_dir`)."""
     from dsparse_cli.planning.profile import get_profile, launcher_bytes
 
-    prof = get_profile(state_dir, "tiny_cnn", batch_size=batch_size, image_size=32)
+    prof = get_profile(state_dir, "tiny_cnn", batch_size=batch_size, image_size=image_size)
     n, launcher = prof.num_units, launcher_bytes(prof, "dsparse")
     return prof.peak_bytes([n - 1]) + launcher, prof.peak_bytes(range(n)) + launcher
 
