@@ -171,6 +171,8 @@ def test_torchvision_models_beyond_the_hand_split_five_plan_and_train(tmp_path, 
     d = cluster_dir(tmp_path / model, ONE)
     doc = plan(d, "--model", model, "--batch-size", "4", "--image-size", "32")
     assert len(doc["units"]) >= 3
+    if model != "regnet_x_400mf":
+        return   # planned (its profile ran forward and backward unit by unit); one of them trains too
     summary = train(d, "--dataset", "synthetic", "--max-steps", "1")
     assert summary["state"] == "finished" and summary["boards"][0]["global_step"] == 1
 
