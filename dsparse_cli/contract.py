@@ -297,6 +297,8 @@ class JobSpec:
     heartbeat_s: float = 1.0
     checkpoint_every_steps: int | None = None
     eval: bool = True
+    bn_batches: int = 8                 # batches per board BatchNorm statistics are recomputed over before
+                                        # each evaluation and the hand-back (0: keep the running averages)
     lr_schedule: str = "cosine"
     log_every_steps: int = 10
     stop_grace_s: float = 8.0           # keep below the launcher's SIGKILL grace

@@ -11,7 +11,8 @@ optimizer step), the bytes put on the link per step, peak RSS and peak training 
 worker's own meter, `runtime/memory.py`: private memory above the point right before the first
 step), and at each epoch's end and the
 last step the accuracy on the digits test split (each rank scores a slice, counts all-reduced,
-as the worker does), with the training seconds so far. After training, a few steps under
+as the worker does, BatchNorm statistics first recomputed from the weights as the worker does),
+with the training seconds so far. After training, a few steps under
 `no_sync()` (forward, backward without the all-reduce, optimizer step) time the compute alone, so
 the step's exposed aggregation (what the overlapped all-reduce adds) is step less compute.
 Bytes: DDP's buckets go through a ring all-reduce, 2(n-1)/n x the gradient bytes per rank.
@@ -42,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from dsparse_cli.contract import JobSpec  # noqa: E402
 from dsparse_cli.runtime import data as datamod  # noqa: E402
+from dsparse_cli.runtime.batchnorm import batchnorms, recompute_statistics  # noqa: E402
 from dsparse_cli.runtime.job_setup import lr_at  # noqa: E402
 from dsparse_cli.runtime.memory import MemoryMeter  # noqa: E402
 from dsparse_cli.runtime.models import build_model, split_units  # noqa: E402
@@ -61,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=DEFAULTS.lr)
     p.add_argument("--momentum", type=float, default=DEFAULTS.momentum)
     p.add_argument("--powersgd", action="store_true", help="PowerSGD rank 1, start_powerSGD_iter=2")
+    p.add_argument("--bn-batches", type=int, default=DEFAULTS.bn_batches,
+                   help="before the last evaluation, BatchNorm statistics from the final weights, as the worker")
     p.add_argument("--weights", default=None, help="start from this weights file, as `dsparse train --weights`")
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args(argv)
@@ -166,6 +170,9 @@ def train(args) -> dict:
         times.append(time.perf_counter() - t0)
         meter.sample()
         last_payload = counter.total - before
+        if (step + 1) % spe == 0 or step + 1 == args.steps:   # as the worker: BatchNorm statistics of these weights
+            recompute_statistics(model, batchnorms([model]), (b for b, _ in batches(ds, rank, world, args)),
+                                 args.bn_batches, torch.device("cpu"), world)
         if (step + 1) % spe == 0 or step + 1 == args.steps:   # where the worker evaluates: each epoch's end
             history.append({"epoch": step // spe + 1, "global_step": step + 1, "train_s": round(sum(times), 3),
                             "accuracy": evaluate(model, ds, rank, world, args.batch_size)})

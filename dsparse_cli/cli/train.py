@@ -49,6 +49,10 @@ def train(
                                      help="pbgc: histogram bins for the entropy threshold."),
     warmup_steps: int = typer.Option(PBGC["warmup_steps"], "--warmup-steps", min=0, metavar="<int>",
                                      help="topk/pbgc: steps before full compression."),
+    bn_batches: int = typer.Option(SPEC.bn_batches, "--bn-batches", min=0, metavar="<int>",
+                                   help="Before each evaluation and the model's hand-back, recompute BatchNorm statistics "
+                                   "from the weights over this many training batches per board (0: keep the "
+                                   "running averages)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the latest job from its checkpoints."),
     detach: bool = typer.Option(False, "--detach", help="Start the job and return at once."),
     master_port: Optional[int] = typer.Option(None, "--master-port", min=1, max=65535, metavar="<port>",
@@ -79,7 +83,7 @@ def train(
         seed=seed, sync_every=sync_every,
         compression=_compression_spec(compression, density=density, key_fraction=key_fraction,
                                       entropy_bins=entropy_bins, warmup_steps=warmup_steps),
-        collective_timeout_s=collective_timeout, checkpoint_every_steps=checkpoint_every,
+        collective_timeout_s=collective_timeout, checkpoint_every_steps=checkpoint_every, bn_batches=bn_batches,
         backend="nccl" if _all_cuda(plan) else "gloo",
     )
     previous = None

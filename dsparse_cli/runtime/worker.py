@@ -28,12 +28,13 @@ from dsparse_cli.contract import JobSpec, WorkerState
 from dsparse_cli.runtime import checkpoint as ckpt
 from dsparse_cli.runtime import data as datamod
 from dsparse_cli.runtime.aggregate import GroupedAggregator, broadcast_module
+from dsparse_cli.runtime.batchnorm import batchnorms, recompute_statistics
 from dsparse_cli.runtime.heartbeat import Heartbeat, write_json_atomic
 from dsparse_cli.runtime.job_setup import (WorkerError, check_plan, check_units, compressor_for_job,
                                            init_distributed, lr_at, read_job, set_threads)
 from dsparse_cli.runtime.memory import MemoryMeter
 from dsparse_cli.runtime.model_out import model_meta, save_model
-from dsparse_cli.runtime.models import ModelError, build_model, units_from_plan
+from dsparse_cli.runtime.models import ModelError, build_model, unit_modules, units_from_plan
 from dsparse_cli.runtime.sparse import apply_plan, make_optimizer, set_train_mode
 from dsparse_cli.runtime.stopping import (EXIT_STOPPED, MasterWatch, SignalWatch, StopControl, Stopped,
                                           agree_stop)
@@ -219,8 +220,10 @@ class Trainer:
         return float(loss.detach())
 
     def _end_epoch(self) -> None:
+        # the model scored and handed back carries its own weights' statistics
+        synced = (self.job.eval or self.global_step >= self.total_steps) and self._recompute_batchnorm()
         if self.job.eval:
-            self.accuracy = self.evaluate()
+            self.accuracy = self.evaluate(synced=synced)
             self.meter.sample()
             self.log(f"epoch {self.epoch + 1} accuracy {self.accuracy:.4f}")
         self.history.append({"epoch": self.epoch + 1, "global_step": self.global_step, "accuracy": self.accuracy,
@@ -230,10 +233,24 @@ class Trainer:
         self.save()
         self.beat(WorkerState.RUNNING, force=True)
 
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Accuracy of the synchronised model; each rank scores a slice of the test set."""
+    def _recompute_batchnorm(self) -> bool:
+        """BatchNorm statistics of the units some board trains, from the weights as they are now
+        (synchronised first: -> True); every rank at once."""
+        trained = set(self.updated) | set(self.trained_elsewhere)
+        bns = batchnorms(m for u in self.units if u.index in trained for m in unit_modules(self.model, u))
+        if not bns or self.job.bn_batches < 1:
+            return False
         self.agg.sync_all()
+        batches = datamod.batches_for(self.data, self.rank, self.world, self.epoch, self.job.seed, self.batch_size)
+        n = recompute_statistics(self.model, bns, (x for x, _ in batches), self.job.bn_batches, self.device, self.world)
+        self.log(f"BatchNorm statistics of the trained units recomputed over {n} batches")
+        return True
+
+    @torch.no_grad()
+    def evaluate(self, synced: bool = False) -> float:
+        """Accuracy of the synchronised model; each rank scores a slice of the test set."""
+        if not synced:
+            self.agg.sync_all()
         self.model.eval()
         correct = total = 0
         for chunk in datamod.eval_slice(self.data, self.rank, self.world).split(self.batch_size):
