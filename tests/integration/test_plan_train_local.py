@@ -188,8 +188,10 @@ def test_train_then_status(planned, tmp_path):
                     "peak_memory_bytes", "agg_ms_per_step", "bytes_per_step", "heartbeat_age_s", "error"):
             assert key in b
         assert b["state"] == "finished" and b["bytes_per_step"] > 0
-    proc = run_cli("logs", "a", "-n", "5", cwd=d)
+    proc = run_cli("logs", "a", "-n", "10", cwd=d)
     assert proc.returncode == 0 and "accuracy" in proc.stdout
+    # tiny_cnn has BatchNorm: its statistics were recomputed from the final weights before the score
+    assert "BatchNorm statistics of the trained units recomputed over 8 batches" in proc.stdout
 
 
 def test_launcher_torchrun_keeps_the_old_way_and_needs_its_own_plan(planned, tmp_path):
