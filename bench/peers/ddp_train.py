@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--momentum", type=float, default=DEFAULTS.momentum)
     p.add_argument("--powersgd", action="store_true", help="PowerSGD rank 1, start_powerSGD_iter=2")
     p.add_argument("--bn-batches", type=int, default=DEFAULTS.bn_batches,
-                   help="before the last evaluation, BatchNorm statistics from the final weights, as the worker")
+                   help="before each evaluation, BatchNorm statistics recomputed over this many batches, as the worker")
     p.add_argument("--weights", default=None, help="start from this weights file, as `dsparse train --weights`")
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args(argv)
