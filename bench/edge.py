@@ -32,6 +32,9 @@ held the step up, its mean, and the median and p90 of the steps' own figures (ea
 the boards); DDP overlaps its all-reduce with the backward, so for the peers it is the exposed part:
 the step less the same step timed without the all-reduce), the link floor (the longest any board's
 link needs for what that board sends per step, at its rate) and agg_ms_per_step's ratio to it,
+the exposed wire time (the step less the slowest board's compute, `exposed_wire_ms`) and its
+ratio to the planner's wire model (the plan's predicted aggregation; DDP's ring for the peer; none
+for compression, which the model does not cover),
 bytes_sent_per_step (each board's link, ring all-reduce model 2(n-1)/n x payload for all-reduces, as
 dsparse's aggregator counts its own), peak_process_bytes (peak RSS of the training process;
 torchrun's agent and dsparse's launcher not included), peak_training_bytes (the private memory above
@@ -304,8 +307,30 @@ def method_row(method: str, boards: list[dict], accuracy, wall: float, history: 
             "max_bytes_sent_per_step": most("bytes_sent_per_step"),
             "total_bytes_sent_per_step": sum(b["bytes_sent_per_step"] or 0.0 for b in boards),
             "peak_process_bytes": most("peak_process_bytes"), "peak_training_bytes": most("peak_training_bytes"),
+            "exposed_wire_ms": exposed_wire_ms(boards),
             "final_accuracy": accuracy, "steps": boards[0]["steps"], "wall_s": wall, "boards": boards,
             "history": [{k: h.get(k) for k in ("global_step", "train_s", "accuracy")} for h in history or []]}
+
+
+def exposed_wire_ms(boards: list[dict]) -> float | None:
+    """The wire time a synchronous step exposes: the step less the slowest board's compute (a
+    board's step less the aggregation it waited for; for the peers, the step under `no_sync()`)."""
+    if any(b.get("agg_ms_per_step") is None for b in boards):
+        return None
+    return max(b["step_ms"] for b in boards) - max(b["step_ms"] - b["agg_ms_per_step"] for b in boards)
+
+
+def model_ms(doc: dict, method: str) -> float | None:
+    """The planner's wire model for a method (planning/wire.py): its plan's predicted aggregation,
+    or DDP's ring at the same links; None for compression, which the model does not cover."""
+    plans = doc.get("plans") or {}
+    if method == "ddp":
+        s = next((p.get("ddp_agg_s_per_step") for p in plans.values()), None)
+    elif method in PLANS and method != "dsparse_time_pbgc":
+        s = plans.get(PLANS[method], {}).get("predicted_agg_s_per_step")
+    else:
+        s = None
+    return None if s is None else 1000 * s
 
 
 def target_accuracy(args, rows: list[dict]) -> float | None:
@@ -371,7 +396,8 @@ def markdown(doc: dict) -> str:
     head = (f"{c['model']} {c['image_size']}x{c['image_size']} on digits{start}, {c['boards']} {where}, "
             f"batch {c['batch_size']}, {c['steps']} steps, seed {c['seed']}, lr {c['lr']:g}\n\n")
     cols = ["method", "step ms", "agg ms/step", "agg ms median / p90", "sent/step (busiest board)",
-            "link floor ms/step", "agg / floor", "sent/step (all boards)", "peak training", "peak RSS",
+            "link floor ms/step", "agg / floor", "exposed wire ms (/ model)", "sent/step (all boards)",
+            "peak training", "peak RSS",
             "final accuracy", "training s to target", "wall s"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     rates = [parse_rate(x) for x in c["link"].split(",") if x.strip()]   # dealt to b0 (rank 0), b1, ...
@@ -380,7 +406,7 @@ def markdown(doc: dict) -> str:
         spread = f"{_fmt(r.get('agg_ms_median'), '{:.0f}')} / {_fmt(r.get('agg_ms_p90'), '{:.0f}')}"
         cells = [r["name"], _fmt(r["step_ms"], "{:.1f}"), _fmt(r["agg_ms_per_step"], "{:.1f}"), spread,
                  _size(r["max_bytes_sent_per_step"]), f"{floor:.0f}", _ratio(r["agg_ms_per_step"], floor),
-                 _size(r["total_bytes_sent_per_step"]), _size(r["peak_training_bytes"]),
+                 _wire(r.get("exposed_wire_ms"), model_ms(doc, r["name"])), _size(r["total_bytes_sent_per_step"]), _size(r["peak_training_bytes"]),
                  _size(r["peak_process_bytes"]), _fmt(r["final_accuracy"], "{:.2%}"),
                  _reached(r), _fmt(r["wall_s"], "{:.0f}")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -393,6 +419,12 @@ def markdown(doc: dict) -> str:
 
 def _ratio(agg_ms: float | None, floor_ms: float) -> str:
     return "-" if agg_ms is None or floor_ms <= 0 else f"{agg_ms / floor_ms:.2f}x"
+
+
+def _wire(exposed: float | None, model: float | None) -> str:
+    if exposed is None:
+        return "-"
+    return f"{exposed:.0f} ({_ratio(exposed, model) if model else '-'})"
 
 
 def _reached(row: dict) -> str:

@@ -67,7 +67,13 @@ def test_dsparse_reports_aggregation_time_and_results_are_written(smoke):
     assert json.loads(out.read_text())["methods"] == doc["methods"]
     table = out.with_suffix(".md").read_text()
     assert all(f"| {name} |" in table for name in METHODS)
-    assert "| agg / floor |" in table and "| peak training |" in table
+    assert "| agg / floor |" in table and "| peak training |" in table and "| exposed wire ms (/ model) |" in table
+    by = {m["name"]: m for m in doc["methods"]}
+    for name in ("ddp", "dsparse_memory"):   # the step less the slowest board's compute, next to the model
+        m = by[name]
+        assert m["exposed_wire_ms"] == pytest.approx(
+            max(b["step_ms"] for b in m["boards"]) - max(b["step_ms"] - b["agg_ms_per_step"] for b in m["boards"]))
+        assert f"| {m['exposed_wire_ms']:.0f} (" in table and "x) |" in table
 
 
 def test_every_method_starts_from_the_pretrained_weights(smoke):
