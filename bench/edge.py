@@ -406,7 +406,8 @@ def markdown(doc: dict) -> str:
         spread = f"{_fmt(r.get('agg_ms_median'), '{:.0f}')} / {_fmt(r.get('agg_ms_p90'), '{:.0f}')}"
         cells = [r["name"], _fmt(r["step_ms"], "{:.1f}"), _fmt(r["agg_ms_per_step"], "{:.1f}"), spread,
                  _size(r["max_bytes_sent_per_step"]), f"{floor:.0f}", _ratio(r["agg_ms_per_step"], floor),
-                 _wire(r.get("exposed_wire_ms"), model_ms(doc, r["name"])), _size(r["total_bytes_sent_per_step"]), _size(r["peak_training_bytes"]),
+                 _wire(r.get("exposed_wire_ms"), model_ms(doc, r["name"])),
+                 _size(r["total_bytes_sent_per_step"]), _size(r["peak_training_bytes"]),
                  _size(r["peak_process_bytes"]), _fmt(r["final_accuracy"], "{:.2%}"),
                  _reached(r), _fmt(r["wall_s"], "{:.0f}")]
         lines.append("| " + " | ".join(cells) + " |")

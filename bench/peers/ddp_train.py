@@ -170,10 +170,10 @@ def train(args) -> dict:
         times.append(time.perf_counter() - t0)
         meter.sample()
         last_payload = counter.total - before
-        if (step + 1) % spe == 0 or step + 1 == args.steps:   # as the worker: BatchNorm statistics of these weights
+        if (step + 1) % spe == 0 or step + 1 == args.steps:   # where the worker evaluates: each epoch's end
+            # as the worker, BatchNorm statistics of these weights first
             recompute_statistics(model, batchnorms([model]), (b for b, _ in batches(ds, rank, world, args)),
                                  args.bn_batches, torch.device("cpu"), world)
-        if (step + 1) % spe == 0 or step + 1 == args.steps:   # where the worker evaluates: each epoch's end
             history.append({"epoch": step // spe + 1, "global_step": step + 1, "train_s": round(sum(times), 3),
                             "accuracy": evaluate(model, ds, rank, world, args.batch_size)})
             model.train()
