@@ -320,6 +320,20 @@ def exposed_wire_ms(boards: list[dict]) -> float | None:
     return max(b["step_ms"] for b in boards) - max(b["step_ms"] - b["agg_ms_per_step"] for b in boards)
 
 
+def compute_ms(row: dict) -> float | None:
+    """The slowest board's compute per step: its step less the aggregation it waited for."""
+    if any(b.get("agg_ms_per_step") is None for b in row["boards"]):
+        return None
+    return max(b["step_ms"] - b["agg_ms_per_step"] for b in row["boards"])
+
+
+def planned_compute_ms(doc: dict, method: str) -> float | None:
+    """The time plan's slowest predicted compute (planning/compute.py); None for memory plans."""
+    figures = (doc.get("plans") or {}).get(PLANS.get(method), {}).get("predicted_compute_s") or {}
+    known = [s for s in figures.values() if s is not None]
+    return 1000 * max(known) if known else None
+
+
 def model_ms(doc: dict, method: str) -> float | None:
     """The planner's wire model for a method (planning/wire.py): its plan's predicted aggregation,
     or DDP's ring at the same links; None for compression, which the model does not cover."""
@@ -381,7 +395,8 @@ def run_all(args, work: Path, testbed: Path | None = None) -> tuple[list[dict], 
 def _plan_brief(p: dict) -> dict:
     return {"groups": [{"op": g["op"], "ranks": g["ranks"], "units": len(g["units"])} for g in p["groups"]],
             "predicted_agg_s_per_step": p.get("predicted_agg_s_per_step"),
-            "ddp_agg_s_per_step": p.get("ddp_agg_s_per_step")}
+            "ddp_agg_s_per_step": p.get("ddp_agg_s_per_step"), "predicted_step_s": p.get("predicted_step_s"),
+            "predicted_compute_s": {d["name"]: d.get("predicted_compute_s_per_step") for d in p["devices"]}}
 
 
 # --- output ------------------------------------------------------------------------------
@@ -396,7 +411,8 @@ def markdown(doc: dict) -> str:
     head = (f"{c['model']} {c['image_size']}x{c['image_size']} on digits{start}, {c['boards']} {where}, "
             f"batch {c['batch_size']}, {c['steps']} steps, seed {c['seed']}, lr {c['lr']:g}\n\n")
     cols = ["method", "step ms", "agg ms/step", "agg ms median / p90", "sent/step (busiest board)",
-            "link floor ms/step", "agg / floor", "exposed wire ms (/ model)", "sent/step (all boards)",
+            "link floor ms/step", "agg / floor", "exposed wire ms (/ model)", "compute ms (/ model)",
+            "sent/step (all boards)",
             "peak training", "peak RSS",
             "final accuracy", "training s to target", "wall s"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -407,6 +423,7 @@ def markdown(doc: dict) -> str:
         cells = [r["name"], _fmt(r["step_ms"], "{:.1f}"), _fmt(r["agg_ms_per_step"], "{:.1f}"), spread,
                  _size(r["max_bytes_sent_per_step"]), f"{floor:.0f}", _ratio(r["agg_ms_per_step"], floor),
                  _wire(r.get("exposed_wire_ms"), model_ms(doc, r["name"])),
+                 _wire(compute_ms(r), planned_compute_ms(doc, r["name"])),
                  _size(r["total_bytes_sent_per_step"]), _size(r["peak_training_bytes"]),
                  _size(r["peak_process_bytes"]), _fmt(r["final_accuracy"], "{:.2%}"),
                  _reached(r), _fmt(r["wall_s"], "{:.0f}")]

@@ -127,6 +127,10 @@ def plan_view(doc: dict) -> Group:
         parts.append(Text(f"objective {doc.get('objective', 'memory')}: predicted aggregation "
                           f"{doc['predicted_agg_s_per_step']:.3f} s/step; a full update's ring all-reduce "
                           f"(what DDP sends) {doc['ddp_agg_s_per_step']:.3f} s/step"))
+    if doc.get("predicted_step_s") is not None:
+        slowest = max(doc["devices"], key=lambda d: d.get("predicted_compute_s_per_step", 0))
+        parts.append(Text(f"predicted step {doc['predicted_step_s']:.3f} s: slowest compute "
+                          f"{slowest['predicted_compute_s_per_step']:.3f} s ({slowest['name']}) + aggregation"))
     g = FitTable("aggregation groups (created in this order on every rank)",
                  ("group", "op", "ranks", "root", "units", "every", "bytes/step"),
                  essential=("group", "op", "ranks", "units", "bytes/step"))

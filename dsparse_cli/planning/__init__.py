@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from dsparse_cli.planning.compute import BoardCompute, cpu_share
 from dsparse_cli.planning.objective import DEFAULT_OBJECTIVE, plan_for_time, resolve_objective
 from dsparse_cli.planning.planfile import DEFAULT_HEADROOM, budget_bytes, build_plan, load_plan, write_plan
 from dsparse_cli.planning.planner import CostTable, Device, PlanResult, depth_order, plan_devices
@@ -33,7 +34,7 @@ def plan_cluster(*, cluster: str, boards: Sequence[tuple[str, Mapping]], state_d
     `training_allowance_bytes` (see `board_budget`) and are recorded in the plan's `probe` section
     as given (torch, cuda, source, ...). `launcher`: what starts the worker on each board
     ("dsparse" or "torchrun"); its memory is in every budget. `objective`: see `objective.py`;
-    facts' `link_bytes_per_s` are the boards' link rates."""
+    facts' `link_bytes_per_s` are the boards' link rates, `cpu_quota` their CPU quotas (`compute.py`)."""
     from dsparse_cli.planning.importance import importance_order
 
     check_plan_options(model=model, num_classes=num_classes, image_size=image_size, batch_size=batch_size,
@@ -60,13 +61,30 @@ def plan_cluster(*, cluster: str, boards: Sequence[tuple[str, Mapping]], state_d
     result = plan_devices(devices, prof, order, allow_frozen=allow_frozen, exclude_small=exclude_small,
                           launcher_bytes=launcher_mem)
     rates = [link_of[d.name] for d in result.devices]
+    compute = None
     if objective == "time":
+        facts_of = dict(boards)
+        compute = BoardCompute([_unit_seconds(prof, allocators[d.name], state_dir) for d in result.devices],
+                               [cpu_share(facts_of[d.name].get("cpu_quota")) for d in result.devices])
         result = plan_for_time(result, prof, rates, [u.param_bytes for u in prof.units],
-                               [u.buffer_bytes for u in prof.units], sync_every, allow_frozen)
+                               [u.buffer_bytes for u in prof.units], sync_every, allow_frozen, compute)
     return build_plan(cluster=cluster, profile=prof, result=result, sync_every=sync_every,
                       probe={name: facts for name, facts in boards}, importance=importance,
                       headroom=headroom, allow_frozen=allow_frozen, launcher=launcher, objective=objective,
-                      rates=rates, allocators=allocators)
+                      rates=rates, allocators=allocators, compute=compute)
+
+
+def _unit_seconds(prof: Profile, allocator: str, state_dir: str | Path) -> dict:
+    """The profile's unit timings under `allocator`, measured once (~10 s) and kept with it."""
+    if allocator not in prof.unit_seconds:
+        from dsparse_cli.planning.compute import measure_seconds
+        from dsparse_cli.planning.profile import profile_path, save_profile
+
+        prof.unit_seconds[allocator] = measure_seconds(
+            prof.model, num_classes=prof.num_classes, image_size=prof.image_size, batch_size=prof.batch_size,
+            dtype=prof.dtype, optimizer=prof.optimizer, allocator=allocator)
+        save_profile(prof, profile_path(state_dir, prof.key))
+    return prof.unit_seconds[allocator]
 
 
 def board_budget(facts: Mapping, headroom: float, base_and_launcher: int) -> int:

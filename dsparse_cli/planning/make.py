@@ -63,6 +63,8 @@ def _budget_sources(inv: Inventory) -> dict[str, dict]:
             facts[board.name]["training_allowance_bytes"] = board.training_memory
         if board.allocator != "lean":
             facts[board.name]["allocator"] = board.allocator
+        if p and p.cpu_quota:
+            facts[board.name]["cpu_quota"] = p.cpu_quota   # the time objective's CPU share
         link = board.link or (p.link_bytes_per_s if p else None)   # cluster.yaml's, else measured
         if link:
             facts[board.name]["link_bytes_per_s"] = link

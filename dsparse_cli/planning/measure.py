@@ -14,6 +14,7 @@ import argparse
 import gc
 import os
 import sys
+import time
 from typing import Iterable
 
 from dsparse_cli.errors import ConfigError, DsparseError
@@ -34,12 +35,14 @@ def reset_hwm() -> None:
 
 
 class _Recorder:
-    """Hooks that attribute saved tensors to regions and measure each region's RSS peak."""
+    """Hooks that attribute saved tensors to regions and measure each region's RSS peak and
+    seconds (`rss=False`: seconds only, without the /proc reads that would add to them)."""
 
-    def __init__(self, model, units):
+    def __init__(self, model, units, rss: bool = True):
         import torch
 
         self.torch = torch
+        self.rss = rss
         self.units = units
         self.weight_keys = {self._key(t)[0] for t in list(model.parameters()) + list(model.buffers())}
         self.batch_bytes = 0
@@ -67,19 +70,23 @@ class _Recorder:
         self.inputs: dict[int, tuple[int, int]] = {}
         self.batch_keys: set[int] = set()
         self.peaks: dict[tuple, int] = {}
+        self.seconds: dict[tuple, float] = {}
         self.segment = None
         self.abs_peak = 0
         self.step_start = 0
 
     def mark(self, label) -> None:
-        """Close the running segment (its peak growth) and open `label`."""
-        rss, hwm = read_rss()
+        """Close the running segment (its peak growth and seconds) and open `label`."""
+        now = time.perf_counter()
+        rss, hwm = read_rss() if self.rss else (0, 0)
         if self.segment is not None:
-            lab, start = self.segment
+            lab, start, began = self.segment
             self.peaks[lab] = max(0, max(rss, hwm) - start)
+            self.seconds[lab] = now - began
             self.abs_peak = max(self.abs_peak, rss, hwm)
-        reset_hwm()
-        self.segment = (label, rss)
+        if self.rss:
+            reset_hwm()
+        self.segment = (label, rss, time.perf_counter())
         if label == ("step_start",):
             self.step_start = rss
 
@@ -173,13 +180,16 @@ def _run_config(torch, model, units, updated: set[int], optimizer: str, rec: _Re
     for _ in range(WARMUP_STEPS):
         _run_step(torch, model, opt, rec, batch_fn)
     peaks: dict[tuple, int] = {}
+    seconds: dict[tuple, float] = {}
     growth = 0
     for _ in range(MEASURED_STEPS):
         _run_step(torch, model, opt, rec, batch_fn)
         for k, v in rec.peaks.items():
             peaks[k] = max(peaks.get(k, 0), v)
+        for k, v in rec.seconds.items():   # the quicker step: the other one was interrupted more
+            seconds[k] = min(seconds.get(k, v), v)
         growth = max(growth, rec.abs_peak - rec.step_start)
-    result = {"peaks": peaks, "attribution": rec.attribution(len(units)), "growth": growth,
+    result = {"peaks": peaks, "seconds": seconds, "attribution": rec.attribution(len(units)), "growth": growth,
               "step_start": rec.step_start, "batch_bytes": rec.batch_bytes}
     return result, opt, params
 

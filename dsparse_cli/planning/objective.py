@@ -2,16 +2,16 @@
 
 * `auto` (the default): `time` when every board's link rate is known, else `memory`.
 * `memory` (the DSparse paper's rule, `planner.py`): every board trains as much as fits.
-* `time`: the least predicted aggregation time per step (`wire.py`), which needs every board's
-  link rate. With `--allow-frozen` (fine-tuning from weights) the start is every board training
+* `time`: the least predicted step time, which needs every board's link rate: the slowest
+  board's compute (`compute.py`) plus the aggregation time (`wire.py`). With `--allow-frozen` (fine-tuning from weights) the start is every board training
   the last k units that every board can hold, the rest frozen everywhere: one allreduce, nothing
   to broadcast. Otherwise the start is the memory plan, and every unit it trains stays trained
   by some board. From the start, the boards on the slower links train fewer units where that
   cuts the predicted time by at least MIN_GAIN (a slow link stops carrying allreduces, 2(n-1)/n
-  of the bytes each way, that it can receive as one broadcast instead), as long as every unit
-  keeps at least half the boards that trained it (KEEP_TRAINERS). Broadcast intervals are
-  chosen per group (`schedule.py`, `intervals="wire"`). Compute time is not modelled: a board
-  training fewer units also runs a shorter backward.
+  of the bytes each way, that it can receive as one broadcast instead; a board with a small CPU
+  share runs a shorter backward), as long as every unit keeps at least half the boards that
+  trained it (KEEP_TRAINERS). Broadcast intervals are chosen per group (`schedule.py`,
+  `intervals="wire"`). Without a compute model (`compute=None`) only the wire counts.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dataclasses import replace
 from typing import Sequence
 
 from dsparse_cli.errors import ConfigError
+from dsparse_cli.planning.compute import BoardCompute
 from dsparse_cli.planning.planner import CostModel, PlanResult
 from dsparse_cli.planning.schedule import build_groups
 from dsparse_cli.planning.wire import step_seconds
@@ -46,23 +47,27 @@ def resolve_objective(objective: str, rates: Sequence[float | None], names: Sequ
 
 
 def plan_for_time(result: PlanResult, cost: CostModel, rates: Sequence[float], param_bytes: Sequence[int],
-                  buffer_bytes: Sequence[int], sync_every: int, allow_frozen: bool) -> PlanResult:
-    """The memory plan `result` re-planned for the least predicted aggregation time."""
+                  buffer_bytes: Sequence[int], sync_every: int, allow_frozen: bool,
+                  compute: BoardCompute | None = None) -> PlanResult:
+    """The memory plan `result` re-planned for the least predicted step time."""
     ks = [len(d.units) for d in result.devices]
     if allow_frozen:
         ks = [min(ks)] * len(ks)
-    ks = _descend(ks, rates, lambda k: _seconds(k, result.order, param_bytes, buffer_bytes, sync_every, rates))
+    speeds = [rates] + ([compute.shares] if compute else [])
+    ks = _descend(ks, speeds, lambda k: _seconds(k, result.order, param_bytes, buffer_bytes, sync_every, rates,
+                                                 compute))
     return _with_counts(result, cost, ks)
 
 
-def _descend(ks: list[int], rates: Sequence[float], seconds) -> list[int]:
+def _descend(ks: list[int], speeds: Sequence[Sequence[float]], seconds) -> list[int]:
     """Lower unit counts where it pays (see the module doc), best move first, until no move gains
-    MIN_GAIN. A move lowers one board, or caps at k every board whose link is at most a given
-    rate (moving one slow board alone gains nothing while another still holds the ring)."""
+    MIN_GAIN. A move lowers one board, or caps at k every board whose link rate (or CPU share) is
+    at most a given tier (moving one slow board alone gains nothing while another like it still
+    holds the ring or the slowest backward)."""
     best, start = seconds(ks), ks
     while True:
-        trials = [[min(k, cap) if rates[r] <= tier else k for r, k in enumerate(ks)]
-                  for tier in sorted(set(rates)) for cap in range(1, max(ks))]
+        trials = [[min(k, cap) if speed[r] <= tier else k for r, k in enumerate(ks)]
+                  for speed in speeds for tier in sorted(set(speed)) for cap in range(1, max(ks))]
         trials += [ks[:r] + [cap] + ks[r + 1:] for r in range(len(ks)) for cap in range(1, ks[r])]
         trials = [t for t in trials if t != ks and _keeps_trainers(t, start)]
         scored = sorted(((seconds(t), t) for t in trials), key=lambda st: st[0])
@@ -79,9 +84,10 @@ def _keeps_trainers(ks: list[int], start: list[int]) -> bool:
                for j in range(max(start)))
 
 
-def _seconds(ks, order, param_bytes, buffer_bytes, sync_every, rates) -> float:
+def _seconds(ks, order, param_bytes, buffer_bytes, sync_every, rates, compute: BoardCompute | None) -> float:
     units = [sorted(order[:k]) for k in ks]
-    return step_seconds(build_groups(units, param_bytes, buffer_bytes, sync_every, rates, "wire"), rates)
+    wire = step_seconds(build_groups(units, param_bytes, buffer_bytes, sync_every, rates, "wire"), rates)
+    return wire + (max(compute.per_board(units)) if compute else 0.0)
 
 
 def _with_counts(result: PlanResult, cost: CostModel, ks: list[int]) -> PlanResult:

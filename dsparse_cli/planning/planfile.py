@@ -14,6 +14,7 @@ from typing import Iterable, Mapping, Sequence
 
 from dsparse_cli.contract import PLAN_VERSION, ContractError, Plan
 from dsparse_cli.errors import ConfigError
+from dsparse_cli.planning.compute import BoardCompute
 from dsparse_cli.planning.planner import PlanResult
 from dsparse_cli.planning.profile import Profile
 from dsparse_cli.planning.replay import breakdown, plan_comm
@@ -34,18 +35,22 @@ def budget_bytes(usable_memory_bytes: int, headroom: float = DEFAULT_HEADROOM) -
 def build_plan(*, cluster: str, profile: Profile, result: PlanResult, objective: str, sync_every: int = 1,
                probe: Mapping[str, Mapping] | None = None, importance: str = "depth",
                headroom: float = DEFAULT_HEADROOM, allow_frozen: bool = False, launcher: str = "dsparse",
-               rates: Sequence[float | None] | None = None, allocators: Mapping[str, str] | None = None) -> dict:
+               rates: Sequence[float | None] | None = None, allocators: Mapping[str, str] | None = None,
+               compute: BoardCompute | None = None) -> dict:
     """The plan document (see docs/internals.md) from a profile and the planner's result, made for
     `objective` (memory or time, as resolved by `plan_cluster`).
     `rates[rank]`: each planned board's link (bytes/s, None unknown), for roots and the wire model.
     `allocators[name]`: a board's allocator (lean when missing); a fast one's figures hold the
-    profile's `fast_allocator_bytes` too."""
+    profile's `fast_allocator_bytes` too. `compute`: each board's predicted compute per step goes in
+    (time plans)."""
     allocator = {d.name: (allocators or {}).get(d.name, "lean") for d in result.devices}
     rates = list(rates) if rates else [None] * len(result.devices)
     groups = build_groups([d.units for d in result.devices], [u.param_bytes for u in profile.units],
                           [u.buffer_bytes for u in profile.units], sync_every,
                           rates if None not in rates else None, "wire" if objective == "time" else "fixed")
     wire = loads(groups, rates)
+    compute_s = compute.per_board([d.units for d in result.devices]) if compute else None
+    agg_s = step_seconds(groups, rates)
     units = [{"index": u.index, "name": u.name, "modules": list(u.modules), "param_bytes": u.param_bytes,
               "buffer_bytes": u.buffer_bytes, "grad_bytes": u.grad_bytes, "optimizer_bytes": u.optimizer_bytes}
              for u in profile.units]
@@ -65,7 +70,9 @@ def build_plan(*, cluster: str, profile: Profile, result: PlanResult, objective:
                 "full_update_training_bytes": result.full_update_training_bytes + extra[d.name],
                 "link_bytes_per_s": wire[d.rank].rate, "predicted_sent_bytes_per_step": wire[d.rank].sent,
                 "predicted_recv_bytes_per_step": wire[d.rank].recv, "predicted_link_s_per_step": wire[d.rank].seconds,
-                "units": list(d.units), "allocator": allocator[d.name]} for d in result.devices]
+                "units": list(d.units), "allocator": allocator[d.name]}
+               | ({"predicted_compute_s_per_step": compute_s[d.rank]} if compute_s else {})
+               for d in result.devices]
     return {
         "version": PLAN_VERSION, "cluster": cluster, "model": profile.model, "num_classes": profile.num_classes,
         "image_size": profile.image_size, "batch_size": profile.batch_size, "optimizer": profile.optimizer,
@@ -74,7 +81,8 @@ def build_plan(*, cluster: str, profile: Profile, result: PlanResult, objective:
         "importance_order": list(result.order), "allow_frozen": allow_frozen,
         "frozen_units": list(result.frozen_units), "min_peak_bytes": result.min_peak_bytes,
         "launcher": launcher, "launcher_bytes": result.launcher_bytes, "objective": objective,
-        "predicted_agg_s_per_step": step_seconds(groups, rates),
+        "predicted_agg_s_per_step": agg_s,
+        "predicted_step_s": max(compute_s) + agg_s if compute_s and agg_s is not None else None,
         "ddp_agg_s_per_step": ddp_seconds(sum(u.param_bytes for u in profile.units), rates),
         "units": units, "devices": devices, "groups": groups,
         "excluded": [{"name": e.name, "budget_bytes": e.budget_bytes, "needed_bytes": e.needed_bytes,

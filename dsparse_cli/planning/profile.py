@@ -119,6 +119,7 @@ class Profile:
     eval_first_bytes: int = 0            # one-time growth of the first evaluation (eval-mode forward)
     first_step_file_bytes: int = 0       # file-backed pages the first steps map (in base_bytes)
     fast_allocator_bytes: int | None = None   # what glibc's defaults add to a full update (None: not measured)
+    unit_seconds: dict = field(default_factory=dict)   # allocator -> `compute.measure_seconds` (time plans)
     format: int = PROFILE_FORMAT
 
     # --- the cost-model interface the planner uses -------------------------------------------

@@ -85,6 +85,12 @@ def test_the_default_objective_is_time_once_every_link_is_known(planned, tmp_pat
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["objective"] == "time" and [dev["link_bytes_per_s"] for dev in doc["devices"]] == [12.5e6] * 2
+    # the time objective weighs compute too: every board's measured here, the step is the slowest + the wire
+    compute = [dev["predicted_compute_s_per_step"] for dev in doc["devices"]]
+    assert all(c > 0 for c in compute)
+    assert doc["predicted_step_s"] == pytest.approx(max(compute) + doc["predicted_agg_s_per_step"])
+    proc = run_cli(*PLAN, cwd=d)   # the cached timings, rendered
+    assert proc.returncode == 0 and "predicted step" in proc.stdout, proc.stderr
 
 
 def test_plan_verify_through_cli(planned, tmp_path):

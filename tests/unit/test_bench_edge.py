@@ -74,6 +74,10 @@ def test_dsparse_reports_aggregation_time_and_results_are_written(smoke):
         assert m["exposed_wire_ms"] == pytest.approx(
             max(b["step_ms"] for b in m["boards"]) - max(b["step_ms"] - b["agg_ms_per_step"] for b in m["boards"]))
         assert f"| {m['exposed_wire_ms']:.0f} (" in table and "x) |" in table
+    # the time plan's compute model next to each board's measured compute (step less aggregation)
+    assert "| compute ms (/ model) |" in table
+    predicted = doc["plans"]["time"]["predicted_compute_s"]
+    assert sorted(predicted) == ["b0", "b1"] and all(s > 0 for s in predicted.values())
 
 
 def test_every_method_starts_from_the_pretrained_weights(smoke):
