@@ -44,6 +44,9 @@ accuracy on the digits test split, the accuracy at each epoch's end over the tra
 (`history`; both sides evaluate there) and from it the training seconds to a target accuracy, and
 wall_s (the whole command, start-up included).
 
+`--repeat N` runs every method N times, round after round, and reports each method's run with the
+median step time (its own figures, every run's step time next to it): one run's step on this
+shared 2-core machine has moved by 32 % on the same command.
 `--finetune` first trains the model on digits 0-4 (bench/peers/pretrain.py, one process) and
 starts every method from those weights (the 5-class head re-initialised for ten digits).
 `--testbed` runs every method on `scripts/edge-testbed` boards over SSH (bench/edge_testbed.py):
@@ -114,6 +117,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--delay", default="1ms", help="--testbed: each link's one-way delay")
     p.add_argument("--profile", default="uniform", choices=("uniform", "paper7"),
                    help="--testbed: uniform boards (--boards, --memory, --cpus, --link, --delay) or paper7's seven")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run every method N times, round after round; a method's row is its run with the "
+                        "median step time, every run's step in step_ms_runs (this machine's steps move ~30 %%)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per command")
     p.add_argument("--out", type=Path, default=None, help="results JSON, the markdown table next to it as .md "
                    "(default bench/results/edge.json; edge-smoke.json with --smoke, so a smoke never overwrites a run)")
@@ -136,6 +142,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.methods is None:
         a.methods = ",".join(m for m in METHODS if a.finetune or m != "dsparse_frozen")
     check_methods(p, a, METHODS)
+    if a.repeat < 1:
+        p.error(f"--repeat {a.repeat} must be at least 1")
     return a
 
 
@@ -363,10 +371,34 @@ def time_to(target: float | None, history: list[dict]) -> float | None:
 
 
 def run_all(args, work: Path, testbed: Path | None = None) -> tuple[list[dict], list[dict], dict]:
-    """Every method in turn; `testbed`: the emulated cluster's cluster.yaml (boards over SSH)."""
-    rows, failures, plans = [], [], {}
+    """Every method in turn, --repeat rounds; `testbed`: the emulated cluster's cluster.yaml
+    (boards over SSH)."""
+    runs: dict[str, list[dict]] = {}
+    failures, plans = [], {}
+    for rnd in range(args.repeat):
+        if args.repeat > 1:
+            log(f"round {rnd + 1} of {args.repeat}")
+        rows, failed, plans = _one_round(args, work, testbed, plans)
+        failures += failed
+        for r in rows:
+            runs.setdefault(r["name"], []).append(r)
+    plans.pop("current", None)
+    plans.pop("cluster", None)
+    return [median_run(rs) for rs in runs.values()], failures, plans
+
+
+def median_run(rows: list[dict]) -> dict:
+    """The run with the median step time (the lower one of an even count), all figures its own,
+    with every run's step time next to it."""
+    row = dict(sorted(rows, key=lambda r: r["step_ms"])[(len(rows) - 1) // 2])
+    row["step_ms_runs"] = [r["step_ms"] for r in rows]
+    return row
+
+
+def _one_round(args, work: Path, testbed: Path | None, plans: dict) -> tuple[list[dict], list[dict], dict]:
+    rows, failures = [], []
     epochs = epochs_for(args)
-    cluster = None
+    cluster = plans.pop("cluster", None)
     for method in args.methods:
         log(f"{method} ...")
         try:
@@ -388,8 +420,7 @@ def run_all(args, work: Path, testbed: Path | None = None) -> tuple[list[dict], 
         r = rows[-1]
         log(f"  {method}: {r['step_ms']:.0f} ms/step, {_size(r['max_bytes_sent_per_step'])}/step, "
             f"accuracy {_fmt(r['final_accuracy'], '{:.4f}')}, {r['wall_s']:.0f}s")
-    plans.pop("current", None)
-    return rows, failures, plans
+    return rows, failures, plans | {"cluster": cluster}
 
 
 def _plan_brief(p: dict) -> dict:
@@ -420,7 +451,7 @@ def markdown(doc: dict) -> str:
     for r in doc["methods"]:   # the link that needs longest for what its board sends
         floor = max(1000 * (b["bytes_sent_per_step"] or 0) / rates[i % len(rates)] for i, b in enumerate(r["boards"]))
         spread = f"{_fmt(r.get('agg_ms_median'), '{:.0f}')} / {_fmt(r.get('agg_ms_p90'), '{:.0f}')}"
-        cells = [r["name"], _fmt(r["step_ms"], "{:.1f}"), _fmt(r["agg_ms_per_step"], "{:.1f}"), spread,
+        cells = [r["name"], _step(r), _fmt(r["agg_ms_per_step"], "{:.1f}"), spread,
                  _size(r["max_bytes_sent_per_step"]), f"{floor:.0f}", _ratio(r["agg_ms_per_step"], floor),
                  _wire(r.get("exposed_wire_ms"), model_ms(doc, r["name"])),
                  _wire(compute_ms(r), planned_compute_ms(doc, r["name"])),
@@ -443,6 +474,13 @@ def _wire(exposed: float | None, model: float | None) -> str:
     if exposed is None:
         return "-"
     return f"{exposed:.0f} ({_ratio(exposed, model) if model else '-'})"
+
+
+def _step(row: dict) -> str:
+    """The step time; with --repeat, every run's range after it."""
+    runs = row.get("step_ms_runs") or []
+    spread = f" ({min(runs):.0f}-{max(runs):.0f}, {len(runs)} runs)" if len(runs) > 1 else ""
+    return _fmt(row["step_ms"], "{:.1f}") + spread
 
 
 def _reached(row: dict) -> str:
@@ -473,7 +511,7 @@ def main(argv=None) -> int:
     doc = {"methods": rows, "failed": failures, "plans": plans, "target_accuracy": target, "config": {
         "dataset": "digits", "model": args.model, "image_size": args.image_size, "boards": args.boards,
         "batch_size": args.batch_size, "steps": args.steps, "seed": args.seed, "lr": args.lr, "link": args.link,
-        "sync_every": args.sync_every, "allocator": args.allocator, "smoke": args.smoke, "host_cpus": os.cpu_count(),
+        "sync_every": args.sync_every, "allocator": args.allocator, "repeat": args.repeat, "smoke": args.smoke, "host_cpus": os.cpu_count(),
         "finetune": args.finetune, "pretrain_steps": args.pretrain_steps if args.finetune else None,
         "testbed": ({"profile": "paper7"} if args.profile == "paper7" else
                     {"memory": args.memory, "cpus": args.cpus, "delay": args.delay}) if args.testbed else None,

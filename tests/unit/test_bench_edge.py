@@ -103,3 +103,18 @@ def test_accuracy_over_training_time_and_time_to_the_target(smoke):
         assert m["time_to_target_s"] == (h[-1]["train_s"] if reached else None), m["name"]
     assert by["ddp"]["time_to_target_s"] is not None
     assert "training s to target" in out.with_suffix(".md").read_text()
+
+
+def test_repeats_report_the_median_run_whole_and_every_runs_step():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("edge", BENCH)
+    edge = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(edge)
+    runs = [{"name": "ddp", "step_ms": ms, "final_accuracy": acc} for ms, acc in ((3000, 0.9), (2500, 0.8), (2700, 0.7))]
+    row = edge.median_run(runs)
+    assert row["step_ms"] == 2700 and row["final_accuracy"] == 0.7 and row["step_ms_runs"] == [3000, 2500, 2700]
+    assert edge.median_run(runs[:2])["step_ms"] == 2500   # an even count: the lower of the two middle runs
+    assert edge._step(row) == "2700.0 (2500-3000, 3 runs)" and edge._step(runs[0]) == "3000.0"
+    with pytest.raises(SystemExit):
+        edge.parse_args(["--repeat", "0"])
