@@ -29,7 +29,7 @@ from dsparse_cli.errors import ConfigError
 MODES = ("updated", "passthrough", "frozen")
 
 
-def step_seconds(seconds: dict, updated: Iterable[int]) -> float:
+def compute_seconds(seconds: dict, updated: Iterable[int]) -> float:
     """One step's compute on this machine (one thread) for a board updating `updated`.
     `seconds`: a profile's `unit_seconds[allocator]` (see `measure_seconds`)."""
     fwd, bwd = seconds["forward"], seconds["backward"]
@@ -58,7 +58,7 @@ class BoardCompute:
 
     def per_board(self, units: Sequence[Iterable[int]]) -> list[float]:
         """Each board's predicted compute per step when it updates `units[rank]`."""
-        return [step_seconds(s, u) / share for s, u, share in zip(self.seconds, units, self.shares)]
+        return [compute_seconds(s, u) / share for s, u, share in zip(self.seconds, units, self.shares)]
 
 
 def measure_seconds(model: str, *, num_classes: int, image_size: int, batch_size: int, dtype: str,

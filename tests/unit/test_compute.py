@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from dsparse_cli.planning.compute import BoardCompute, cpu_share, measure_seconds, step_seconds
+from dsparse_cli.planning.compute import BoardCompute, compute_seconds, cpu_share, measure_seconds
 from dsparse_cli.planning.objective import plan_for_time
 from dsparse_cli.planning.planner import CostTable, Device, plan_devices
 
@@ -23,11 +23,11 @@ def _seconds(fwd=0.1, bwd=0.2, passthrough_bwd=0.1, frozen_fwd=0.05, optimizer=0
 
 def test_a_step_is_the_frozen_prefix_then_forward_and_backward_from_the_first_updated_unit():
     s = _seconds()
-    assert step_seconds(s, range(N)) == pytest.approx(N * 0.3 + 0.06)
+    assert compute_seconds(s, range(N)) == pytest.approx(N * 0.3 + 0.06)
     # units 4 and 2 updated: 0-1 run a no-grad forward, 3 and 5 pass gradients through
-    assert step_seconds(s, {2, 4}) == pytest.approx(2 * 0.05 + 2 * 0.3 + 2 * 0.2 + 0.06 * 2 / N)
-    assert step_seconds(s, set()) == pytest.approx(N * 0.05)
-    assert step_seconds(s, {N - 1}) < step_seconds(s, {N - 2, N - 1}) < step_seconds(s, range(N))
+    assert compute_seconds(s, {2, 4}) == pytest.approx(2 * 0.05 + 2 * 0.3 + 2 * 0.2 + 0.06 * 2 / N)
+    assert compute_seconds(s, set()) == pytest.approx(N * 0.05)
+    assert compute_seconds(s, {N - 1}) < compute_seconds(s, {N - 2, N - 1}) < compute_seconds(s, range(N))
 
 
 def test_a_board_takes_its_cpu_share():
@@ -71,4 +71,4 @@ def test_measured_timings_cover_every_unit_and_mode(tmp_path):
     assert all(len(s["backward"][m]) == n for m in s["backward"])
     assert all(t > 0 for t in s["backward"]["updated"][1:]) and s["optimizer"] > 0
     # a full update costs more than training the last unit, which costs more than forward alone
-    assert step_seconds(s, range(n)) > step_seconds(s, {n - 1}) > step_seconds(s, set())
+    assert compute_seconds(s, range(n)) > compute_seconds(s, {n - 1}) > compute_seconds(s, set())
