@@ -20,7 +20,7 @@ def plan(
                                    "(--objective time: at most every N, per group)."),
     importance: str = typer.Option("depth", help="depth (later layers first) or grad (measured)."),
     objective: str = typer.Option("auto", help="memory (each board trains as much as fits), time (least predicted "
-                                  "aggregation time; needs every board's link: in cluster.yaml or from `probe "
+                                  "step: compute + aggregation; needs every board's link: in cluster.yaml or from `probe "
                                   "--links`), or auto: time when every board's link is known, else memory."),
     allow_frozen: bool = typer.Option(False, "--allow-frozen", help="Allow units no board trains (fine-tuning)."),
     exclude_small: bool = typer.Option(False, "--exclude-small", help="Leave out boards too small to train."),
