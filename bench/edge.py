@@ -399,6 +399,7 @@ def median_run(rows: list[dict]) -> dict:
     with every run's step time next to it."""
     row = dict(sorted(rows, key=lambda r: r["step_ms"])[(len(rows) - 1) // 2])
     row["step_ms_runs"] = [r["step_ms"] for r in rows]
+    row["history_runs"] = [r["history"] for r in rows]
     return row
 
 
@@ -515,6 +516,8 @@ def main(argv=None) -> int:
     target = target_accuracy(args, rows)
     for r in rows:
         r["time_to_target_s"] = time_to(target, r["history"])
+        if "history_runs" in r:
+            r["time_to_target_s_runs"] = [time_to(target, h) for h in r.pop("history_runs")]
     doc = {"methods": rows, "failed": failures, "plans": plans, "target_accuracy": target, "config": {
         "dataset": "digits", "model": args.model, "image_size": args.image_size, "boards": args.boards,
         "batch_size": args.batch_size, "steps": args.steps, "seed": args.seed, "lr": args.lr, "link": args.link,

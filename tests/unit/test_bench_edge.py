@@ -111,9 +111,11 @@ def test_repeats_report_the_median_run_whole_and_every_runs_step():
     spec = importlib.util.spec_from_file_location("edge", BENCH)
     edge = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(edge)
-    runs = [{"name": "ddp", "step_ms": ms, "final_accuracy": acc} for ms, acc in ((3000, 0.9), (2500, 0.8), (2700, 0.7))]
+    runs = [{"name": "ddp", "step_ms": ms, "final_accuracy": acc, "history": [{"train_s": ms / 100, "accuracy": acc}]}
+            for ms, acc in ((3000, 0.9), (2500, 0.8), (2700, 0.7))]
     row = edge.median_run(runs)
     assert row["step_ms"] == 2700 and row["final_accuracy"] == 0.7 and row["step_ms_runs"] == [3000, 2500, 2700]
+    assert [edge.time_to(0.75, h) for h in row["history_runs"]] == [30, 25, None]   # every run's, for main
     assert edge.median_run(runs[:2])["step_ms"] == 2500   # an even count: the lower of the two middle runs
     assert edge._step(row) == "2700.0 (2500-3000, 3 runs)" and edge._step(runs[0]) == "3000.0"
     with pytest.raises(SystemExit):
