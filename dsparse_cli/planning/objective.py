@@ -3,14 +3,15 @@
 * `auto` (the default): `time` when every board's link rate is known, else `memory`.
 * `memory` (the DSparse paper's rule, `planner.py`): every board trains as much as fits.
 * `time`: the least predicted step time, which needs every board's link rate: the slowest
-  board's compute (`compute.py`) plus the aggregation time (`wire.py`). With `--allow-frozen` (fine-tuning from weights) the start is every board training
-  the last k units that every board can hold, the rest frozen everywhere: one allreduce, nothing
-  to broadcast. Otherwise the start is the memory plan, and every unit it trains stays trained
-  by some board. From the start, the boards on the slower links train fewer units where that
-  cuts the predicted time by at least MIN_GAIN (a slow link stops carrying allreduces, 2(n-1)/n
-  of the bytes each way, that it can receive as one broadcast instead; a board with a small CPU
-  share runs a shorter backward), as long as every unit keeps at least half the boards that
-  trained it (KEEP_TRAINERS). Broadcast intervals are chosen per group (`schedule.py`,
+  board's compute (`compute.py`) plus the aggregation time (`wire.py`). With `--allow-frozen`
+  (fine-tuning from weights) the start is every board training the last k units that every
+  board can hold, the rest frozen everywhere: one allreduce, nothing to broadcast. Otherwise the
+  start is the memory plan, and every unit it trains stays trained by some board. From the
+  start, the boards on the slower links or CPUs train fewer units where that cuts the predicted
+  time by at least MIN_GAIN (a slow link stops carrying allreduces, 2(n-1)/n of the bytes each
+  way, that it can receive as one broadcast instead; a board with a small CPU share runs a
+  shorter backward), as long as every unit keeps at least half the boards that trained it
+  (KEEP_TRAINERS). Broadcast intervals are chosen per group (`schedule.py`,
   `intervals="wire"`). Without a compute model (`compute=None`) only the wire counts.
 """
 
