@@ -381,16 +381,15 @@ def run_all(args, work: Path, testbed: Path | None = None) -> tuple[list[dict], 
     """Every method in turn, --repeat rounds; `testbed`: the emulated cluster's cluster.yaml
     (boards over SSH)."""
     runs: dict[str, list[dict]] = {}
-    failures, plans = [], {}
+    failures, plans, cluster = [], {}, None
     for rnd in range(args.repeat):
         if args.repeat > 1:
             log(f"round {rnd + 1} of {args.repeat}")
-        rows, failed, plans = _one_round(args, work, testbed, plans)
+        rows, failed, cluster = _one_round(args, work, testbed, plans, cluster)
         failures += failed
         for r in rows:
             runs.setdefault(r["name"], []).append(r)
     plans.pop("current", None)
-    plans.pop("cluster", None)
     return [median_run(rs) for rs in runs.values()], failures, plans
 
 
@@ -403,10 +402,12 @@ def median_run(rows: list[dict]) -> dict:
     return row
 
 
-def _one_round(args, work: Path, testbed: Path | None, plans: dict) -> tuple[list[dict], list[dict], dict]:
+def _one_round(args, work: Path, testbed: Path | None, plans: dict,
+               cluster: Path | None) -> tuple[list[dict], list[dict], Path | None]:
+    """Every method once; `plans` (brief, by kind) is filled in; the graded cluster is made on the
+    first dsparse method and kept for the next rounds."""
     rows, failures = [], []
     epochs = epochs_for(args)
-    cluster = plans.pop("cluster", None)
     for method in args.methods:
         log(f"{method} ...")
         try:
@@ -428,7 +429,7 @@ def _one_round(args, work: Path, testbed: Path | None, plans: dict) -> tuple[lis
         r = rows[-1]
         log(f"  {method}: {r['step_ms']:.0f} ms/step, {_size(r['max_bytes_sent_per_step'])}/step, "
             f"accuracy {_fmt(r['final_accuracy'], '{:.4f}')}, {r['wall_s']:.0f}s")
-    return rows, failures, plans | {"cluster": cluster}
+    return rows, failures, cluster
 
 
 def _plan_brief(p: dict) -> dict:

@@ -63,23 +63,20 @@ class BoardCompute:
 
 def measure_seconds(model: str, *, num_classes: int, image_size: int, batch_size: int, dtype: str,
                     optimizer: str, allocator: str, timeout: float = 900) -> dict:
-    """`unit_seconds` for `allocator`, measured in a fresh process here (one torch thread)."""
+    """`unit_seconds` for `allocator`, measured in a fresh process here (`_measure` sets one torch
+    thread)."""
     from dsparse_cli.planning.profile import child_env
-    from dsparse_cli.runtime.cpus import THREADS_ENV
+    from dsparse_cli.planning.step import child_json
 
     argv = [sys.executable, "-m", "dsparse_cli.planning.compute", "--model", model, "--num-classes",
             str(num_classes), "--image-size", str(image_size), "--batch-size", str(batch_size), "--dtype", dtype,
             "--optimizer", optimizer]
     try:
-        proc = subprocess.run(argv, env=child_env(allocator) | {THREADS_ENV: "1"}, capture_output=True,
-                              text=True, timeout=timeout)
+        proc = subprocess.run(argv, env=child_env(allocator), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise ConfigError(f"timing {model}'s units took longer than {timeout:.0f} s") from None
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1:] or ["no output"]
-        raise ConfigError(f"timing {model}'s units failed: {last[0]}")
-    return json.loads(lines[-1]) | {"allocator": allocator}
+    seconds = child_json(proc.returncode, proc.stdout, proc.stderr, f"timing {model}'s units failed", ConfigError)
+    return seconds | {"allocator": allocator}
 
 
 def _measure(model_name: str, num_classes: int, image_size: int, batch_size: int, dtype: str,

@@ -48,8 +48,14 @@ def fast_allocator_bytes(profile: Profile, timeout: float = 600) -> int:
 
 
 def step_result(rc: int, stdout: str, stderr: str, where: str) -> dict:
+    return child_json(rc, stdout, stderr, f"verify step {where} failed", JobError)
+
+
+def child_json(rc: int, stdout: str, stderr: str, failed: str, error: type[Exception]) -> dict:
+    """The last JSON line a measuring child printed; else `error` saying `failed` and the child's
+    last line of stderr."""
     lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
     if rc != 0 or not lines:
         last = [ln for ln in stderr.splitlines() if ln.strip()][-1:] or [f"exit code {rc}, no output"]
-        raise JobError(f"verify step {where} failed: {last[0]}")
+        raise error(f"{failed}: {last[0]}")
     return json.loads(lines[-1])
